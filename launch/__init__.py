@@ -1,0 +1,1 @@
+"""scaler's command line and launchers."""

@@ -1,0 +1,89 @@
+"""The `scaler` command: train, sample, layout, export.
+
+    scaler train configs/diffusion_moons.yaml --debug            # 8 simulated CPU devices
+    scaler train CONFIG optimizer.lr=3e-4 mesh.fsdp=4 --run-dir runs/x
+    scaler sample runs/x --num 1000 --out samples.png
+    scaler layout CONFIG --devices 8
+
+jax is imported only after the arguments are read: the number of simulated devices has
+to be set before jax starts.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _parser():
+  p = argparse.ArgumentParser(prog="scaler", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train a config")
+  t.add_argument("config", help="a YAML config, e.g. configs/diffusion_moons.yaml")
+  t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+  t.add_argument("--run-dir", help="where checkpoints, metrics and plots go "
+                 "(default runs/<config name>); an existing one with checkpoints resumes")
+  t.add_argument("--resume-from", type=int, help="resume from this checkpoint step")
+  t.add_argument("--debug", action="store_true",
+                 help="one process on simulated CPU devices, NaN/Inf checked every step")
+  t.add_argument("--devices", type=int, default=8, help="simulated devices with --debug")
+
+  s = sub.add_parser("sample", help="draw samples from a trained run")
+  s.add_argument("run_dir")
+  s.add_argument("--num", type=int, default=1000)
+  s.add_argument("--out", required=True, help=".npz (array 'samples') or .png")
+  s.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  s.add_argument("--seed", type=int, default=0)
+
+  lay = sub.add_parser("layout", help="parameter shardings and step memory, no training")
+  lay.add_argument("config")
+  lay.add_argument("overrides", nargs="*")
+  lay.add_argument("--devices", type=int, default=8, help="simulated devices")
+
+  e = sub.add_parser("export", help="write a parameters-only checkpoint for plain orbax")
+  e.add_argument("run_dir")
+  e.add_argument("--out", required=True)
+  e.add_argument("--step", type=int)
+  return p
+
+
+def simulate_devices(n: int) -> None:
+  """N simulated CPU devices; must run before jax is imported."""
+  if "jax" in sys.modules:
+    raise RuntimeError("simulate_devices() must run before jax is imported")
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def main(argv=None) -> None:
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax._src", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if args.command == "train" and args.debug:
+    if args.devices < 1:
+      _fail(f"--devices {args.devices}: needs at least 1")
+    simulate_devices(args.devices)
+  elif args.command == "layout":
+    if args.devices < 1:
+      _fail(f"--devices {args.devices}: needs at least 1")
+    simulate_devices(args.devices)
+
+  from scaler.errors import UserError
+  from launch import commands
+  try:
+    code = getattr(commands, args.command)(args)
+  except UserError as e:
+    _fail(str(e))
+  sys.exit(code or 0)
+
+
+def _fail(message: str) -> None:
+  print(f"scaler: error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,155 @@
+"""What each `scaler` subcommand does; argument parsing stays in cli.py."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from scaler import config as config_lib
+from scaler.errors import UserError
+
+EXIT_PREEMPTED = 42  # "preempted, resumable": the last step is saved and committed
+
+
+def _default_run_dir(config_path) -> Path:
+  return Path("runs") / Path(config_path).stem
+
+
+def _check_run_dir(run_dir: Path, ckpt_dir: Path, resume_from) -> None:
+  """A run directory is resumed when it holds checkpoints, and never overwritten."""
+  if resume_from is not None and not ckpt_dir.exists():
+    raise UserError(f"--resume-from {resume_from}: {ckpt_dir} holds no checkpoints")
+  if run_dir.exists() and any(run_dir.iterdir()) and not ckpt_dir.exists():
+    raise UserError(
+        f"run directory {run_dir} exists and holds no checkpoints to resume; "
+        f"choose a new --run-dir (nothing there is overwritten)")
+
+
+def train(args) -> int:
+  from scaler.train import Preempted, train as run_training
+
+  cfg = config_lib.load(args.config, args.overrides)
+  run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
+  ckpt_dir = Path(cfg.checkpoint.directory or run_dir / "checkpoints")
+  if "://" not in str(cfg.checkpoint.directory or ""):
+    _check_run_dir(run_dir, ckpt_dir, args.resume_from)
+  try:
+    final = run_training(cfg, run_dir, resume_from=args.resume_from,
+                         check_finite_every=1 if args.debug else None)
+  except Preempted as e:
+    print(f"scaler: {e}")
+    return EXIT_PREEMPTED
+  summary = " ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step")
+  print(f"scaler: done at step {final.get('step')}: {summary}")
+  print(f"scaler: run directory {run_dir}")
+  return 0
+
+
+def _load_run(run_dir: Path):
+  cfg_path = run_dir / "config.yaml"
+  if not cfg_path.is_file():
+    raise UserError(f"{run_dir} is not a run directory: no config.yaml in it")
+  return config_lib.load(cfg_path)
+
+
+def _fit_mesh(cfg):
+  """The run's mesh if this machine has the devices for it, else data-parallel."""
+  import dataclasses
+
+  import jax
+
+  from scaler import mesh as mesh_lib
+  try:
+    mesh_lib.mesh_shape(cfg.mesh, jax.device_count())
+    return cfg
+  except UserError:
+    return dataclasses.replace(cfg, mesh=config_lib.MeshConfig(), rules="data_parallel")
+
+
+def sample(args) -> int:
+  import jax
+
+  from scaler import experiment as experiment_lib
+  from scaler import plots
+  from scaler.checkpoint import Checkpointer
+  from scaler.train import draw_samples
+
+  run_dir = Path(args.run_dir)
+  out = Path(args.out)
+  if out.suffix not in (".npz", ".png"):
+    raise UserError(f"--out {out}: the file must end in .npz or .png")
+  if args.num < 1:
+    raise UserError(f"--num {args.num}: needs at least 1")
+  if out.exists():
+    raise UserError(f"--out {out} exists; choose another name (nothing is overwritten)")
+  cfg = _fit_mesh(_load_run(run_dir))
+  exp = experiment_lib.build(cfg)
+  abstract, shardings = experiment_lib.abstract_shardings(exp)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
+                      cfg.checkpoint, record={})
+  state, _, step = ckpt.restore(target, args.step)
+  ckpt.close()
+  samples = exp.spec.denormalize(draw_samples(exp, state, args.num, args.seed))
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if out.suffix == ".npz":
+    np.savez(out, samples=np.asarray(samples, np.float32))
+  else:
+    plots.samples(samples, None, out, kind=exp.spec.kind)
+  print(f"scaler: {args.num} samples from step {step} -> {out}")
+  return 0
+
+
+def layout(args) -> int:
+  import jax
+
+  from scaler import experiment as experiment_lib
+  from scaler import mesh as mesh_lib
+  from scaler.partitioning import path_str
+  from scaler.train import compile_step
+
+  cfg = config_lib.load(args.config, args.overrides)
+  exp = experiment_lib.build(cfg)
+  abstract, shardings = experiment_lib.abstract_shardings(exp)
+  print(f"mesh: {dict(exp.mesh.shape)} over {exp.mesh.devices.size} devices; "
+        f"rules: {cfg.rules if isinstance(cfg.rules, str) else 'custom'}")
+  rows = []
+  for (path, leaf), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(abstract["params"]),
+      jax.tree.leaves(shardings["params"])):
+    shard = sharding.shard_shape(leaf.shape)
+    rows.append((path_str(path), str(tuple(leaf.shape)), str(tuple(sharding.spec)),
+                 math.prod(shard) * leaf.dtype.itemsize))
+  widths = [max(len(r[i]) for r in rows + [("parameter", "shape", "spec")]) for i in range(3)]
+  print(f"{'parameter':<{widths[0]}}  {'shape':<{widths[1]}}  {'spec':<{widths[2]}}  bytes/device")
+  for r in rows:
+    print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>12,}")
+  total = sum(r[3] for r in rows)
+  print(f"parameters: {sum(math.prod(l.shape) for l in jax.tree.leaves(abstract['params'])):,}"
+        f"; bytes per device: {total:,}")
+  batch = {"x": jax.ShapeDtypeStruct((cfg.train.batch_size, *exp.spec.shape), np.float32,
+                                     sharding=mesh_lib.batch_sharding(exp.mesh))}
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                             sharding=mesh_lib.replicated(exp.mesh))
+  compiled = compile_step(exp, shardings, mesh_lib.batch_sharding(exp.mesh)).lower(
+      state, batch, rng).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    print(f"compiled step, per device: arguments {mem.argument_size_in_bytes:,} B, "
+          f"outputs {mem.output_size_in_bytes:,} B, temporaries {mem.temp_size_in_bytes:,} B, "
+          f"aliased (donated) {mem.alias_size_in_bytes:,} B")
+  return 0
+
+
+def export(args) -> int:
+  from scaler.export import export as export_params
+
+  run_dir = Path(args.run_dir)
+  cfg = _load_run(run_dir)
+  out = export_params(cfg.checkpoint.directory or str(run_dir / "checkpoints"), args.step,
+                      args.out)
+  print(f"scaler: exported parameters to {out or args.out}")
+  return 0

@@ -1,0 +1,76 @@
+"""The device mesh, from config: axes `data`, `fsdp`, `tensor`, checked before compiling."""
+
+import math
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from scaler.config import MeshConfig
+from scaler.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """Resolves -1 and checks that the axes multiply to the device count."""
+  sizes = {a: getattr(cfg, a) for a in AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise UserError(f"mesh.{axis}={size}: each axis needs a positive size, or -1 for the rest")
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise UserError(f"mesh: only one axis may be -1, got {', '.join(free)}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise UserError(
+          f"mesh: {num_devices} devices cannot be split with "
+          f"{' x '.join(f'{a}={s}' for a, s in sizes.items() if s != -1)} (product {fixed})")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise UserError(
+        f"mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = "
+        f"{math.prod(sizes.values())} devices, but {num_devices} are available")
+  return tuple(sizes[a] for a in AXES)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(cfg, len(devices))
+  try:
+    # Topology-aware order on GPU/TPU; on CPU it is the plain order.
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, AXES)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch(mesh: Mesh, batch_size: int, micro_batches: int) -> None:
+  """The global batch (and each micro-batch) must split evenly over data x fsdp."""
+  shards = batch_shards(mesh)
+  if micro_batches < 1:
+    raise UserError(f"train.micro_batches={micro_batches}: must be at least 1")
+  if batch_size % micro_batches:
+    raise UserError(
+        f"train.batch_size={batch_size} is not divisible by train.micro_batches={micro_batches}")
+  micro = batch_size // micro_batches
+  if micro % shards:
+    raise UserError(
+        f"train.batch_size={batch_size} (micro-batch {micro}) is not divisible by "
+        f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {shards}; "
+        f"use a multiple of {shards}")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
