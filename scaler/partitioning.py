@@ -84,10 +84,10 @@ def mesh_spec(path: str, shape, logical: P, rules: dict, mesh: Mesh) -> P:
   return P(*out)
 
 
-def param_shardings(abstract_params, logical_specs, rules: dict, mesh: Mesh):
+def param_shardings(abstract_params, logical_specs, rules: dict, mesh: Mesh, prefix=""):
   """NamedShardings for a tree of parameters, from their logical specs."""
   specs = jax.tree_util.tree_map_with_path(
-      lambda path, x, spec: mesh_spec(path_str(path), x.shape, spec, rules, mesh),
+      lambda path, x, spec: mesh_spec(prefix + path_str(path), x.shape, spec, rules, mesh),
       abstract_params, logical_specs)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 

@@ -29,7 +29,7 @@ class Networks:
   logical_specs: dict      # net -> pure dict of PartitionSpecs over roles
 
 
-def _split(modules: dict):
+def split(modules: dict):
   graphdefs, params, rest = {}, {}, {}
   for name, module in modules.items():
     graphdef, p, r = nnx.split(module, nnx.Param, ...)
@@ -61,7 +61,7 @@ def init_fn(family, txs: dict, use_ema: bool):
 
   def init(rng):
     init_rng, extra_rng = jax.random.split(rng)
-    _, params, rest = _split(family.init(nnx.Rngs(init_rng)))
+    _, params, rest = split(family.init(nnx.Rngs(init_rng)))
     return {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -79,7 +79,7 @@ def state_shardings(abstract_state, networks: Networks, txs: dict, rules: dict, 
   replicated = NamedSharding(mesh, P())
   params = {
       n: partitioning.param_shardings(abstract_state["params"][n], networks.logical_specs[n],
-                                      rules, mesh)
+                                      rules, mesh, prefix=f"{n}/")
       for n in abstract_state["params"]}
   return {
       "step": replicated,

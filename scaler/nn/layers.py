@@ -10,7 +10,7 @@ from flax import nnx
 
 def roles(*names):
   """Metadata that tags a parameter with one role (or None) per dimension."""
-  return {"sharding_names": tuple(names)}
+  return {"out_sharding": tuple(names)}
 
 
 def dense(in_features, out_features, in_role, out_role, *, rngs, use_bias=True, **kw):
