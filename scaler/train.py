@@ -19,6 +19,7 @@ from scaler import config as config_lib
 from scaler import experiment as experiment_lib
 from scaler import mesh as mesh_lib
 from scaler import plots
+from scaler import progress
 from scaler import state as state_lib
 from scaler.checkpoint import Checkpointer
 from scaler.data import BatchLoader, fingerprint, load_source, to_global
@@ -68,7 +69,7 @@ def flops_per_step(compiled) -> float:
 
 
 def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = None,
-          check_finite_every: int | None = None) -> dict:
+          check_finite_every: int | None = None, devices=None) -> dict:
   """Trains `cfg` into `run_dir`; returns the last logged metrics."""
   jax.config.update("jax_threefry_partitionable", True)  # numbers independent of the mesh
   run_dir = Path(run_dir)
@@ -76,7 +77,7 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
 
   # Stage 1: mesh and data (every check that needs no compile comes first).
   train_source = load_source(cfg.data, "train")
-  exp = experiment_lib.build(cfg, train_source=train_source)
+  exp = experiment_lib.build(cfg, devices, train_source=train_source)
   abstract, shardings = experiment_lib.abstract_shardings(exp)
   batch_sharding = mesh_lib.batch_sharding(exp.mesh)
 
@@ -146,6 +147,7 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
           last = {"step": done, **{k: float(v) for k, v in values.items()}}
           t0, t0_step = time.perf_counter(), done
       writer.advance(1)
+      progress.beat(done)
       ckpt.save(done, state, {**loader.get_state(), "step": done},
                 force=done == tcfg.steps)
       if ckpt.reached_preemption(done):
