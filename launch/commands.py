@@ -26,9 +26,13 @@ def _check_run_dir(run_dir: Path, ckpt_dir: Path, resume_from) -> None:
 
 
 def train(args) -> int:
+  from scaler import checkpoint_preemption
   from scaler.train import Preempted, train as run_training
 
   cfg = config_lib.load(args.config, args.overrides)
+  # Before anything starts the backend: a one-process distributed runtime, so that
+  # JAX's preemption notifier sees SIGTERM (a multi-host launch has started its own).
+  checkpoint_preemption.start_runtime()
   run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
   ckpt_dir = Path(cfg.checkpoint.directory or run_dir / "checkpoints")
   if "://" not in str(cfg.checkpoint.directory or ""):

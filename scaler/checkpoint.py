@@ -1,0 +1,269 @@
+"""Saving and restoring the train state with orbax: asynchronous, sharded, safe to resume.
+
+One directory per committed step. Orbax writes `<step>.orbax-checkpoint-tmp/` and renames
+it once every item is written, so a save killed half-way never looks like a step:
+
+    <directory>/<step>/state/    the state pytree (tensorstore OCDBT; each process its shards)
+                       data/     the data loader state (JSON)
+                       record/   scaler version, mesh, process count, data fingerprint (JSON)
+
+The data item holds process 0's loader state alone. The loader is keyed on the global
+step and the seed, so that one state lets every process rebuild its own position, on any
+process count. Restore reads every array straight into the sharding the caller asks for,
+so a checkpoint moves between meshes without being gathered on one host.
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, record)
+    ckpt.save(step, state, loader.get_state())    # every `cfg.every` steps, returns at once
+    state, data_state, step = ckpt.restore(abstract_state)   # latest restorable step
+
+SIGTERM is seen only once a distributed runtime runs: see `scaler/checkpoint_preemption.py`.
+"""
+
+import logging
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib
+
+from scaler import checkpoint_checks as checks
+from scaler import checkpoint_preemption as preemption
+from scaler.config import CheckpointConfig
+from scaler.errors import UserError
+
+log = logging.getLogger("scaler")
+
+ITEMS = ("state", "data", "record")
+TMP_SUFFIX = ".orbax-checkpoint-tmp"   # how orbax names a step being written
+
+
+def _check_config(cfg: CheckpointConfig) -> None:
+  if cfg.every < 0:
+    raise UserError(f"checkpoint.every={cfg.every}: must be positive, or 0 to save only "
+                    "at the end and on preemption")
+  if cfg.keep_last < 1:
+    raise UserError(f"checkpoint.keep_last={cfg.keep_last}: must be at least 1")
+  if cfg.keep_every < 0:
+    raise UserError(f"checkpoint.keep_every={cfg.keep_every}: must be positive, or 0 for off")
+  if cfg.keep_every and cfg.every and cfg.keep_every % cfg.every:
+    log.warning("checkpoint.keep_every=%d is not a multiple of checkpoint.every=%d: only "
+                "steps divisible by both are kept for good", cfg.keep_every, cfg.every)
+
+
+def _keep_policy(cfg: CheckpointConfig):
+  policies = [keep_lib.LatestN(cfg.keep_last)]
+  if cfg.keep_every:
+    policies.append(keep_lib.EveryNSteps(cfg.keep_every))
+  return keep_lib.AnyPreservationPolicy(policies)
+
+
+def _everyone(ok: bool) -> bool:
+  """True when `ok` holds on every process, so all of them restore the same step."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _short(error: Exception, limit: int = 600) -> str:
+  text = f"{type(error).__name__}: {error}"
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class Checkpointer:
+  """A run's checkpoints: every `cfg.every` steps, the last `cfg.keep_last` kept, plus
+  every `cfg.keep_every`-th step for good."""
+
+  def __init__(self, directory: str, cfg: CheckpointConfig, record: dict):
+    _check_config(cfg)
+    checks.check_root(str(directory))
+    self.directory = epath.Path(directory)
+    self._cfg = cfg
+    self._record = dict(record)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=_keep_policy(cfg),
+        enable_async_checkpointing=cfg.async_save,
+        # Not orbax's clean-up at start: a reader (`scaler sample`) would delete the
+        # temporary directory of a run saving beside it. See `_clear_leftovers`.
+        cleanup_tmp_directories=False,
+        create=True)
+    self._mngr = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+    self._saved = set()       # steps written by this process
+    self._cleared = False
+    self._committed = set()   # steps seen with orbax's commit file (never uncommitted again)
+    if not preemption.runtime_started():
+      log.info("no distributed runtime: SIGTERM will not be detected "
+               "(scaler.checkpoint_preemption.start_runtime starts one)")
+
+  # --- saving ---
+
+  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    """Saves when `step` is a multiple of `cfg.every` or `force`; True if it saved.
+
+    Asynchronous when `cfg.async_save`: returns once the arrays are copied off the
+    devices. A failure of an earlier background save is raised here.
+    """
+    self._raise_background_error()
+    due = force or (self._cfg.every > 0 and step % self._cfg.every == 0)
+    if not due or step in self._saved:
+      return False
+    if not self._cleared:
+      self._clear_leftovers()
+    self._set_aside_newer(step)
+    # `force=True` bypasses orbax's own save-interval policy: the decision is made above.
+    self._mngr.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        record=ocp.args.JsonSave(self._record)))
+    self._saved.add(step)
+    return True
+
+  def _raise_background_error(self) -> None:
+    # Only once the finalize thread is done: asking the async checkpointer earlier could
+    # take its error away from orbax's finalize thread, which would then go on to delete
+    # older steps as if the save had succeeded.
+    if not self._mngr.is_saving_in_progress():
+      self.wait()
+
+  def _clear_leftovers(self) -> None:
+    """Deletes what killed saves left behind, at this writer's first save."""
+    if jax.process_index() == 0:
+      for path in self.directory.glob(f"*{TMP_SUFFIX}*"):
+        log.info("removing %s, left by a save that did not finish", path)
+        path.rmtree()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("scaler_checkpoint_clear_leftovers")
+    self._cleared = True
+
+  def _set_aside_newer(self, step: int) -> None:
+    """Moves steps >= `step` left by an abandoned run aside before saving over them.
+
+    They exist after resuming from an older step (explicitly, or past a corrupt one).
+    Left in place, orbax would refuse to save their step numbers and the next restart
+    would take them for the latest. Renamed, not deleted: nothing is lost.
+    """
+    newer = [s for s in self._mngr.all_steps() if s >= step and s not in self._saved]
+    if not newer:
+      return
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for s in newer:
+        target = self.directory / f"{s}.abandoned-{stamp}"
+        log.warning("checkpoint step %d in %s belongs to an abandoned run (resumed from an "
+                    "earlier step); moving it to %s", s, self.directory, target)
+        (self.directory / str(s)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("scaler_checkpoint_set_aside")
+    self._mngr.reload()
+
+  def wait(self) -> None:
+    """Blocks until the last save is committed; raises the error of a failed one."""
+    try:
+      self._mngr.wait_until_finished()
+      self._mngr.check_for_errors()
+    except BaseException:
+      # Orbax dropped the steps this save would have retired from its list, but a failed
+      # save deletes nothing on disk: read the list again so it tells the truth.
+      self._mngr.reload()
+      raise
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when every process agrees to stop at `step` after a SIGTERM (call each step)."""
+    return preemption.reached(step)
+
+  # --- listing ---
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, oldest first; a step directory without orbax's commit file (a
+    save in flight, or one killed mid-rename on an object store) is left out."""
+    steps = []
+    for s in sorted(self._mngr.all_steps()):
+      if s not in self._committed and checks.is_committed(self.directory / str(s)):
+        self._committed.add(s)
+      if s in self._committed:
+        steps.append(s)
+    return steps
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  # --- restoring ---
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores `(state, data_state, step)` into the shardings of `abstract_state`.
+
+    Args:
+      abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set; the mesh
+        may differ from the one saved.
+      step: a committed step, or None for the latest one that restores. A latest step
+        that fails to read is reported in a warning and the previous one is tried.
+
+    Raises:
+      UserError: no such step (the message lists those available), arrays whose paths
+        or shapes differ from the checkpoint (listed), or nothing restorable.
+    """
+    self.wait()
+    self._mngr.reload()
+    steps = self.all_steps()
+    if step is not None and step not in steps:
+      raise UserError(f"no checkpoint at step {step} in {self.directory}; available steps: "
+                      f"{', '.join(map(str, steps)) or 'none'}")
+    if not steps:
+      raise UserError(f"no checkpoint to restore in {self.directory}")
+    problems = []
+    for s in [step] if step is not None else reversed(steps):
+      error, result = None, None
+      try:
+        result = self._restore_step(abstract_state, s)
+      except UserError:
+        raise
+      except Exception as e:  # a truncated, missing or corrupt file surfaces as many types
+        error = e
+      if _everyone(error is None):
+        self._saved = {x for x in self._saved if x <= s}   # later ones are abandoned
+        return (*result, s)
+      reason = _short(error) if error else "failed on another process"
+      problems.append(f"  step {s}: {reason}")
+      if step is not None:
+        raise UserError(f"checkpoint step {step} in {self.directory} cannot be restored: "
+                        f"{reason}") from error
+      log.warning("\n%s\nCHECKPOINT STEP %d IN %s CANNOT BE RESTORED; trying the previous "
+                  "step. What is wrong:\n%s\n%s", "!" * 78, s, self.directory, reason, "!" * 78)
+    raise UserError(f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(problems))
+
+  def _restore_step(self, abstract_state, step: int):
+    checks.check_step_dir(self.directory, self.directory / str(step))
+    saved = self._mngr.item_metadata(step)["state"]
+    saved_tree = getattr(saved, "tree", saved)
+    if not jax.tree.leaves(saved_tree):
+      raise ValueError("the state's array metadata is missing or empty")
+    mismatches = checks.shape_mismatches(saved_tree, abstract_state)
+    if mismatches:
+      raise UserError(f"checkpoint step {step} in {self.directory} does not fit the model "
+                      "(a different architecture or optimizer?); arrays that differ:\n"
+                      + "\n".join(mismatches))
+    restored = self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        record=ocp.args.JsonRestore()))
+    self._compare_record(step, restored["record"], restored["data"])
+    return restored["state"], restored["data"]
+
+  def _compare_record(self, step: int, saved: dict, data_state) -> None:
+    """Warns where the checkpoint was written against other data than this run's."""
+    key = "data_fingerprint"
+    if key in saved and key in self._record and saved[key] != self._record[key]:
+      log.warning("checkpoint step %d was saved with %s=%s, this run has %s", step, key,
+                  saved[key], self._record[key])
+    if isinstance(data_state, dict) and data_state.get("step", step) != step:
+      log.warning("checkpoint step %d holds a data loader state for step %s", step,
+                  data_state["step"])
