@@ -1,0 +1,151 @@
+"""Diffusion (DDPM): epsilon-prediction training, ancestral or DDIM sampling.
+
+Training (Ho et al. 2020): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1},
+loss |eps - net(x_t, t)|^2. Sampling runs the reverse process from x ~ N(0, I):
+`ancestral` takes all T stochastic steps; `ddim` (Song et al. 2021) takes `sample_steps`
+steps with noise scale `eta`: 0 is deterministic, 1 over all T steps is ancestral again.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaler.errors import UserError
+from scaler.families import schedules
+from scaler.families.base import LossOut, Update
+
+SAMPLERS = ("ancestral", "ddim")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+  num_timesteps: int = 1000
+  schedule: str = "cosine"            # cosine | linear
+  sampler: str = "ddim"               # ddim | ancestral
+  sample_steps: int = 100             # DDIM steps, at most num_timesteps
+  eta: float = 0.0                    # DDIM noise: 0 deterministic, 1 as ancestral
+  clip_denoised: bool | None = None   # clip predicted x_0 to [-1, 1]; None: images only
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self):
+    def bad(field, accepted):
+      raise UserError(f"family.{field}={getattr(self, field)!r} is not accepted: {accepted}")
+    if self.num_timesteps < 1:
+      bad("num_timesteps", "it must be a positive number of steps, e.g. 1000")
+    if self.schedule not in schedules.SCHEDULES:
+      bad("schedule", f"one of {', '.join(schedules.SCHEDULES)}")
+    if self.sampler not in SAMPLERS:
+      bad("sampler", f"one of {', '.join(SAMPLERS)}")
+    if self.sampler == "ddim" and not 1 <= self.sample_steps <= self.num_timesteps:
+      bad("sample_steps", f"DDIM takes 1 to num_timesteps ({self.num_timesteps}) steps")
+    if not 0.0 <= self.eta <= 1.0:
+      bad("eta", "a DDIM noise scale from 0 (deterministic) to 1 (ancestral)")
+
+
+def q_sample(schedule: schedules.Schedule, x0, t_B, noise):
+  """A draw of x_t ~ q(x_t | x_0), given the noise: (B, ...) with one t per row."""
+  shape = (-1,) + (1,) * (x0.ndim - 1)
+  return (schedule.sqrt_alphas_cumprod[t_B].reshape(shape) * x0
+          + schedule.sqrt_one_minus_alphas_cumprod[t_B].reshape(shape) * noise)
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+  """`steps` distinct timesteps spread evenly over 0..T-1, both ends included."""
+  return np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32)
+
+
+def _masked_mean(x_B, mask_B):
+  return jnp.sum(jnp.where(mask_B, x_B, 0.0)) / jnp.maximum(jnp.sum(mask_B), 1)
+
+
+class DiffusionFamily:
+  """One network, "denoiser": net(x_t, t_B) -> the noise in x_t, same shape as x_t."""
+
+  def __init__(self, cfg: DiffusionConfig, net_cls, net_cfg, data_shape: tuple):
+    self.cfg, self.net_cls, self.net_cfg = cfg, net_cls, net_cfg
+    self.data_shape = tuple(data_shape)
+    self.schedule = schedules.make(cfg.schedule, cfg.num_timesteps)
+    # Images are normalised to [-1, 1], so a predicted x_0 outside it is plain error;
+    # standardised vectors have no such bound and clipping them would cut the tails.
+    self.clip = len(self.data_shape) == 3 if cfg.clip_denoised is None else cfg.clip_denoised
+    self._reverse = {"ancestral": self.ancestral, "ddim": self.ddim}[cfg.sampler]
+
+  def init(self, rngs):
+    return {"denoiser": self.net_cls(self.net_cfg, self.data_shape, rngs=rngs)}
+
+  def init_extra(self, rng):
+    return None
+
+  @property
+  def updates(self):
+    return (Update("denoiser", ("denoiser",), self.loss),)
+
+  def loss(self, nets, extra, batch, rng):
+    x0 = batch["x"]
+    t_rng, noise_rng = jax.random.split(rng)
+    t_B = jax.random.randint(t_rng, x0.shape[:1], 0, self.cfg.num_timesteps)
+    # Drawn for the whole (global) batch at once: with threefry_partitionable the numbers
+    # are the same however the batch is sharded.
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    eps = nets["denoiser"](q_sample(self.schedule, x0, t_B, noise), t_B)
+    err_B = jnp.mean(jnp.square(eps - noise).reshape(x0.shape[0], -1), axis=1)
+    mse = jnp.mean(err_B)
+    # eps-MSE is high at low noise (eps is a tiny residual of x_0) and low at high noise
+    # (x_t is nearly eps); the split tells which end a plateau or a regression is at.
+    low = t_B < self.cfg.num_timesteps // 2
+    return LossOut(mse, {"mse": mse, "mse_low_noise": _masked_mean(err_B, low),
+                         "mse_high_noise": _masked_mean(err_B, ~low)})
+
+  def sample(self, nets, rng, num):
+    """`num` samples in model space, (num, *data_shape), with the configured sampler."""
+    init_rng, loop_rng = jax.random.split(rng)
+    x = jax.random.normal(init_rng, (num, *self.data_shape))
+    return self._reverse(nets["denoiser"], x, loop_rng)
+
+  def _x0(self, x, t, eps):
+    """The x_0 that (x_t, eps) imply, clipped for images; and the eps that clipped x_0 implies."""
+    s = self.schedule
+    x0 = s.sqrt_recip_alphas_cumprod[t] * x - s.sqrt_recipm1_alphas_cumprod[t] * eps
+    if not self.clip:
+      return x0, eps
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    return x0, (s.sqrt_recip_alphas_cumprod[t] * x - x0) / s.sqrt_recipm1_alphas_cumprod[t]
+
+  def ancestral(self, net, x, rng):
+    """From x = x_T, T steps of x_{t-1} ~ N(mu~(x_t, x_0), beta~_t), x_0 predicted (eq. 7)."""
+    s = self.schedule
+
+    def step(x, t):
+      x0, _ = self._x0(x, t, net(x, jnp.full(x.shape[:1], t)))
+      mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x
+      # The noise of step t is keyed by t, as in `ddim`, so the two samplers agree.
+      z = jax.random.normal(jax.random.fold_in(rng, t), x.shape, x.dtype)
+      std = jnp.where(t > 0, jnp.exp(0.5 * s.posterior_log_variance_clipped[t]), 0.0)
+      return mean + std * z, None
+
+    ts = jnp.arange(self.cfg.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+    return jax.lax.scan(step, x, ts)[0]
+
+  def ddim(self, net, x, rng):
+    """From x = x_T, `sample_steps` DDIM steps (Song et al. eq. 12), noise scale `eta`."""
+    ts = ddim_timesteps(self.cfg.num_timesteps, self.cfg.sample_steps)
+    abar = self.schedule.alphas_cumprod
+    abar_prev = jnp.concatenate([jnp.ones((1,)), abar[ts[:-1]]])  # step 0 lands on x_0
+    abar_t = abar[ts]
+    sigma = self.cfg.eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    direction = jnp.sqrt(jnp.maximum(1 - abar_prev - sigma ** 2, 0.0))
+
+    def step(x, xs):
+      t, a_prev, sig, dirn = xs
+      x0, eps = self._x0(x, t, net(x, jnp.full(x.shape[:1], t)))
+      x = jnp.sqrt(a_prev) * x0 + dirn * eps
+      if self.cfg.eta > 0:  # eta = 0 draws nothing: the path is a function of x_T alone
+        x = x + sig * jax.random.normal(jax.random.fold_in(rng, t), x.shape, x.dtype)
+      return x, None
+
+    xs = (jnp.asarray(ts), abar_prev, sigma, direction)
+    return jax.lax.scan(step, x, jax.tree.map(lambda a: a[::-1], xs))[0]

@@ -1,0 +1,75 @@
+"""A residual MLP denoiser for vector data: eps_BxD = net(x_BxD, t_B).
+
+Shapes: B batch, D data (the flattened data shape), E hidden (`embed`), M block width
+(`mlp`), T time embedding (`time`). Kernels alternate (embed, mlp) / (mlp, embed), so
+the FSDP rules split one dimension of each and the tensor rules split the other.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaler.nn import layers
+
+
+def timestep_embedding(t_B, dim: int, max_period=10_000.0):
+  """Sinusoidal features of (integer or real) timesteps, (B,) -> (B, dim)."""
+  half = dim // 2
+  freqs_H = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args_BxH = t_B.astype(jnp.float32)[:, None] * freqs_H[None]
+  emb_BxT = jnp.concatenate([jnp.sin(args_BxH), jnp.cos(args_BxH)], axis=-1)
+  if dim % 2:
+    emb_BxT = jnp.pad(emb_BxT, ((0, 0), (0, 1)))
+  return emb_BxT
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPDenoiserConfig:
+  hidden: int = 256      # width of the residual stream (embed)
+  depth: int = 3         # residual blocks
+  time_dim: int = 64     # sinusoidal time features
+  mlp_ratio: int = 1     # block width = mlp_ratio * hidden (mlp)
+
+
+class Block(nnx.Module):
+  """h + fc2(silu(fc1(silu(norm(h))) + time(temb))): pre-norm, time added in the middle."""
+
+  def __init__(self, hidden, width, time_dim, *, rngs):
+    self.norm = layers.layer_norm(hidden, rngs=rngs, role="embed")
+    self.fc1 = layers.dense(hidden, width, "embed", "mlp", rngs=rngs)
+    self.time = layers.dense(time_dim, width, "time", "mlp", rngs=rngs)
+    self.fc2 = layers.dense(width, hidden, "mlp", "embed", rngs=rngs)
+
+  def __call__(self, h_BxE, temb_BxT):
+    u_BxM = self.fc1(jax.nn.silu(self.norm(h_BxE))) + self.time(temb_BxT)
+    return h_BxE + self.fc2(jax.nn.silu(u_BxM))
+
+
+class MLPDenoiser(nnx.Module):
+  """Predicts the noise in x_t from (x_t, t); any data shape, flattened to D."""
+
+  def __init__(self, cfg: MLPDenoiserConfig, data_shape: tuple[int, ...], *, rngs: nnx.Rngs):
+    self.cfg, self.data_shape = cfg, tuple(data_shape)
+    d = math.prod(self.data_shape)
+    # The data dimension (2 for two moons) is never sharded: it has no role.
+    self.inp = layers.dense(d, cfg.hidden, None, "embed", rngs=rngs)
+    self.time = layers.dense(cfg.time_dim, cfg.time_dim, None, "time", rngs=rngs)
+    self.blocks = nnx.List([
+        Block(cfg.hidden, cfg.mlp_ratio * cfg.hidden, cfg.time_dim, rngs=rngs)
+        for _ in range(cfg.depth)])
+    self.norm = layers.layer_norm(cfg.hidden, rngs=rngs, role="embed")
+    # Zero init: the untrained net predicts eps = 0, so the first loss is E|eps|^2 = 1.
+    self.out = layers.dense(cfg.hidden, d, "embed", None, rngs=rngs,
+                            kernel_init=nnx.initializers.zeros_init())
+
+  def __call__(self, x, t_B):
+    x_BxD = x.reshape(x.shape[0], -1)
+    temb_BxT = jax.nn.silu(self.time(timestep_embedding(t_B, self.cfg.time_dim)))
+    h_BxE = self.inp(x_BxD)
+    for block in self.blocks:
+      h_BxE = block(h_BxE, temb_BxT)
+    eps_BxD = self.out(jax.nn.silu(self.norm(h_BxE)))
+    return eps_BxD.reshape(x.shape)

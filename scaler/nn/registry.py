@@ -1,0 +1,9 @@
+"""Networks by config name: name -> (config dataclass, module class)."""
+
+from scaler.nn.mlp import MLPDenoiser, MLPDenoiserConfig
+from scaler.nn.unet import UNet, UNetConfig
+
+NETWORKS = {
+    "mlp_denoiser": (MLPDenoiserConfig, MLPDenoiser),
+    "unet": (UNetConfig, UNet),
+}

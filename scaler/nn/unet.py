@@ -1,0 +1,120 @@
+"""A small DDPM-style UNet for NHWC images: eps_BxHxWxC = net(x_BxHxWxC, t_B).
+
+Levels run over `mults`; each has `num_res_blocks` residual blocks (GroupNorm, SiLU,
+conv, plus a per-channel time shift) and all but the last halve the resolution. The up
+path mirrors it, concatenating the down path's output at each level. No attention: at
+8x8 to 28x28 the receptive field of two levels already spans most of the image.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaler.errors import UserError
+from scaler.nn import layers
+from scaler.nn.mlp import timestep_embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  base: int = 32                   # channels at full resolution
+  mults: tuple[int, ...] = (1, 2)  # channel multiplier per level; len-1 downsamplings
+  num_res_blocks: int = 1          # residual blocks per level, down and up
+  groups: int = 8                  # GroupNorm groups; must divide every channel count
+  time_dim: int = 64               # sinusoidal time features
+
+
+class ResBlock(nnx.Module):
+  """x + conv2(silu(norm2(conv1(silu(norm1(x))) + time(temb)))), 1x1 conv skip if needed."""
+
+  def __init__(self, c_in, c_out, time_dim, groups, *, rngs):
+    self.norm1 = layers.group_norm(c_in, groups, rngs=rngs, role="conv_in")
+    self.conv1 = layers.conv(c_in, c_out, (3, 3), rngs=rngs)
+    self.time = layers.dense(time_dim, c_out, "time", "conv_out", rngs=rngs)
+    self.norm2 = layers.group_norm(c_out, groups, rngs=rngs, role="conv_out")
+    self.conv2 = layers.conv(c_out, c_out, (3, 3), rngs=rngs)
+    self.skip = layers.conv(c_in, c_out, (1, 1), rngs=rngs) if c_in != c_out else None
+
+  def __call__(self, x_BxHxWxI, temb_BxT):
+    h_BxHxWxO = self.conv1(jax.nn.silu(self.norm1(x_BxHxWxI)))
+    h_BxHxWxO = h_BxHxWxO + self.time(temb_BxT)[:, None, None, :]
+    h_BxHxWxO = self.conv2(jax.nn.silu(self.norm2(h_BxHxWxO)))
+    skip = x_BxHxWxI if self.skip is None else self.skip(x_BxHxWxI)
+    return skip + h_BxHxWxO
+
+
+def _upsample(h_BxHxWxC):
+  """Nearest-neighbour x2; the conv that follows smooths it (no checkerboard artefacts)."""
+  return jnp.repeat(jnp.repeat(h_BxHxWxC, 2, axis=1), 2, axis=2)
+
+
+def check_shape(cfg: UNetConfig, data_shape) -> None:
+  """UserErrors for images this UNet cannot take, naming the setting to change."""
+  if len(data_shape) != 3:
+    raise UserError(f"model unet needs images (H, W, C); the data has shape {tuple(data_shape)}")
+  if not cfg.mults or cfg.num_res_blocks < 1 or cfg.base < 1:
+    raise UserError(f"model unet: mults={list(cfg.mults)}, num_res_blocks={cfg.num_res_blocks}, "
+                    f"base={cfg.base}: needs at least one level, one block and one channel")
+  factor = 2 ** (len(cfg.mults) - 1)
+  h, w, _ = data_shape
+  if h % factor or w % factor:
+    raise UserError(
+        f"model.mults={list(cfg.mults)} halves the resolution {len(cfg.mults) - 1} times, "
+        f"so height and width must be divisible by {factor}; the images are {h}x{w}")
+  for m in (1, *cfg.mults):
+    if (cfg.base * m) % cfg.groups:
+      raise UserError(
+          f"model.groups={cfg.groups} must divide base and every base*mult; "
+          f"base={cfg.base} x {m} = {cfg.base * m} is not divisible")
+
+
+class UNet(nnx.Module):
+  """Predicts the noise in an NHWC image x_t from (x_t, t)."""
+
+  def __init__(self, cfg: UNetConfig, data_shape: tuple[int, ...], *, rngs: nnx.Rngs):
+    check_shape(cfg, data_shape)
+    self.cfg, self.data_shape = cfg, tuple(data_shape)
+    c = data_shape[-1]
+    chans = [cfg.base * m for m in cfg.mults]
+    last = len(chans) - 1
+    self.time = layers.dense(cfg.time_dim, cfg.time_dim, None, "time", rngs=rngs)
+    # The image channels (1 or 3) are never sharded: they have no role.
+    self.conv_in = layers.conv(c, cfg.base, (3, 3), rngs=rngs, in_role=None)
+    blocks = lambda c_in, c_out: nnx.List([
+        ResBlock(c_in if i == 0 else c_out, c_out, cfg.time_dim, cfg.groups, rngs=rngs)
+        for i in range(cfg.num_res_blocks)])
+    self.down = nnx.List([
+        blocks(cfg.base if i == 0 else chans[i - 1], chans[i]) for i in range(last + 1)])
+    self.downsample = nnx.List([
+        layers.conv(chans[i], chans[i], (3, 3), strides=2, rngs=rngs) for i in range(last)])
+    self.mid = ResBlock(chans[last], chans[last], cfg.time_dim, cfg.groups, rngs=rngs)
+    # Up level i takes the level below it (upsampled) plus down level i's output.
+    self.upsample = nnx.List([
+        layers.conv(chans[i + 1], chans[i + 1], (3, 3), rngs=rngs) for i in range(last)])
+    self.up = nnx.List([
+        blocks(chans[min(i + 1, last)] + chans[i], chans[i]) for i in range(last + 1)])
+    self.norm_out = layers.group_norm(chans[0], cfg.groups, rngs=rngs, role="conv_in")
+    # Zero init: the untrained net predicts eps = 0, so the first loss is E|eps|^2 = 1.
+    self.conv_out = layers.conv(chans[0], c, (3, 3), rngs=rngs, out_role=None,
+                                kernel_init=nnx.initializers.zeros_init())
+
+  def __call__(self, x_BxHxWxC, t_B):
+    temb_BxT = jax.nn.silu(self.time(timestep_embedding(t_B, self.cfg.time_dim)))
+    h = self.conv_in(x_BxHxWxC)
+    skips = []
+    for i, level in enumerate(self.down):
+      for block in level:
+        h = block(h, temb_BxT)
+      skips.append(h)
+      if i < len(self.downsample):
+        h = self.downsample[i](h)
+    h = self.mid(h, temb_BxT)
+    for i in reversed(range(len(self.up))):
+      if i < len(self.upsample):
+        h = self.upsample[i](_upsample(h))
+      h = jnp.concatenate([h, skips.pop()], axis=-1)
+      for block in self.up[i]:
+        h = block(h, temb_BxT)
+    return self.conv_out(jax.nn.silu(self.norm_out(h)))
