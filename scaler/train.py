@@ -69,8 +69,13 @@ def flops_per_step(compiled) -> float:
 
 
 def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = None,
-          check_finite_every: int | None = None, devices=None) -> dict:
-  """Trains `cfg` into `run_dir`; returns the last logged metrics."""
+          check_finite_every: int | None = None, devices=None,
+          stop_at: int | None = None) -> dict:
+  """Trains `cfg` into `run_dir`; returns the last logged metrics.
+
+  `stop_at` ends this run early at that step, with a save, as a preemption would; the
+  schedule still runs to `train.steps`, so a later run resumes it exactly.
+  """
   jax.config.update("jax_threefry_partitionable", True)  # numbers independent of the mesh
   run_dir = Path(run_dir)
   tcfg = cfg.train
@@ -124,8 +129,9 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
   in_flight = collections.deque()
   last = {}
   t0, t0_step = time.perf_counter(), start
+  end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
   try:
-    for step in range(start, tcfg.steps):
+    for step in range(start, end):
       if step > start:
         batch = to_global(next(batches), batch_sharding)
       state, metrics = compiled(state, batch, rng)
@@ -133,12 +139,12 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
       if len(in_flight) > tcfg.max_in_flight:
         jax.block_until_ready(in_flight.popleft())
       done = step + 1
-      if done % check_every == 0 or done % tcfg.log_every == 0 or done == tcfg.steps:
+      if done % check_every == 0 or done % tcfg.log_every == 0 or done == end:
         values = jax.device_get(metrics)
         if not values.pop("finite"):
           bad = first_non_finite(state) or "a loss or gradient"
           raise NonFiniteError(f"non-finite values at step {done}: first in state{bad}")
-        if done % tcfg.log_every == 0 or done == tcfg.steps:
+        if done % tcfg.log_every == 0 or done == end:
           elapsed = time.perf_counter() - t0
           rate = (done - t0_step) / max(elapsed, 1e-9)
           values.update(steps_per_sec=rate, examples_per_sec=rate * tcfg.batch_size,
@@ -149,7 +155,7 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
       writer.advance(1)
       progress.beat(done)
       ckpt.save(done, state, {**loader.get_state(), "step": done},
-                force=done == tcfg.steps)
+                force=done == end)
       if ckpt.reached_preemption(done):
         ckpt.save(done, state, {**loader.get_state(), "step": done}, force=True)
         ckpt.wait()
@@ -160,7 +166,7 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
     ckpt.close()
 
   # Stage 6: what people would rather look at.
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and end == tcfg.steps:
     samples = draw_samples(exp, state, tcfg.num_samples, tcfg.seed)
     test = load_source(cfg.data, "test")
     plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(test.x[:len(samples)]),
