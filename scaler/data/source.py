@@ -1,0 +1,90 @@
+"""A data source: the examples of one split, normalised, with the spec to undo it."""
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from scaler.data import digits as digits_lib
+from scaler.data import files
+from scaler.data import toy
+from scaler.data.config import DataConfig
+from scaler.errors import UserError
+
+SOURCES = (*toy.TOYS, "digits", "npy", "npz", "image_folder")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataSpec:
+  """Per-example shape and the affine map between data space and model space.
+
+  Vectors are standardised per feature; images are mapped from their value range to
+  [-1, 1]. The statistics come from the training split only.
+  """
+  shape: tuple[int, ...]
+  kind: str              # "vector" | "image"
+  shift: np.ndarray
+  scale: np.ndarray
+
+  def normalize(self, x):
+    return (x - self.shift) / self.scale
+
+  def denormalize(self, x):
+    return x * self.scale + self.shift
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+  x: np.ndarray                   # (N, *shape) float32, normalised
+  spec: DataSpec
+  label: np.ndarray | None = None
+
+
+def _raw(cfg: DataConfig, split: str):
+  if cfg.source in toy.TOYS:
+    n = cfg.num_train if split == "train" else cfg.num_test
+    if n < 1:
+      raise UserError(f"data.num_{split}={n}: needs at least 1 example")
+    return toy.generate(cfg.source, n, cfg.seed, split, cfg.noise), None
+  if cfg.source == "digits":
+    return digits_lib.digits(split)
+  if cfg.source == "npy":
+    x = files.load_npy(cfg.path)
+  elif cfg.source == "npz":
+    x = files.load_npz(cfg.path, cfg.key)
+  else:
+    x = files.load_image_folder(cfg.path, cfg.image_size, cfg.grayscale)
+  if x.ndim < 2 or not np.issubdtype(x.dtype, np.number) or len(x) < 2:
+    raise UserError(
+        f"data file {cfg.path}: expected a numeric array of shape (N, ...) with N >= 2, "
+        f"got {x.dtype} {x.shape}")
+  return files.split(x.astype(np.float32), split, cfg.seed), None
+
+
+def _spec(x_train: np.ndarray) -> DataSpec:
+  shape = tuple(x_train.shape[1:])
+  if len(shape) == 3:  # (H, W, C) images
+    lo, hi = float(x_train.min()), float(x_train.max())
+    return DataSpec(shape, "image", np.float32((lo + hi) / 2),
+                    np.float32(max((hi - lo) / 2, 1e-6)))
+  mean = x_train.mean(axis=0).astype(np.float32)
+  std = np.maximum(x_train.std(axis=0), 1e-6).astype(np.float32)
+  return DataSpec(shape, "vector", mean, std)
+
+
+def load_source(cfg: DataConfig, split: str) -> Source:
+  """The `split` ("train" or "test") of the configured source, normalised."""
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  if cfg.source not in SOURCES:
+    raise UserError(f"unknown data.source '{cfg.source}'; accepted: {', '.join(SOURCES)}")
+  x, label = _raw(cfg, split)
+  spec = _spec(x if split == "train" else _raw(cfg, "train")[0])
+  return Source(np.ascontiguousarray(spec.normalize(x), np.float32), spec, label)
+
+
+def fingerprint(source: Source) -> str:
+  """A short hash of the examples: the checkpoint record notes what a run trained on."""
+  h = hashlib.sha256(str(source.x.shape).encode())
+  h.update(source.x.tobytes())
+  return h.hexdigest()[:16]
