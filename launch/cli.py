@@ -4,6 +4,7 @@
     scaler train CONFIG optimizer.lr=3e-4 mesh.fsdp=4 --run-dir runs/x
     scaler sample runs/x --num 1000 --out samples.png
     scaler layout CONFIG --devices 8
+    scaler train CONFIG --hosts 2 --devices-per-host 2   # N host processes through Ray
 
 jax is imported only after the arguments are read: the number of simulated devices has
 to be set before jax starts.
@@ -31,6 +32,19 @@ def _parser():
   t.add_argument("--debug", action="store_true",
                  help="one process on simulated CPU devices, NaN/Inf checked every step")
   t.add_argument("--devices", type=int, default=8, help="simulated devices with --debug")
+  h = t.add_argument_group("multi-host (through Ray; see launch/README.md)")
+  h.add_argument("--hosts", type=int, help="host processes, one per placement-group bundle")
+  h.add_argument("--devices-per-host", type=int, help="accelerators per host (default: a "
+                 "node's GPUs or TPU chips), or simulated CPU devices (default 1)")
+  h.add_argument("--address", help="a running Ray cluster (host:port or 'auto'); default: "
+                 "RAY_ADDRESS, else a local instance on 127.0.0.1")
+  h.add_argument("--max-failures", type=int, default=3,
+                 help="restarts after a host dies or stalls (preemptions are not counted)")
+  h.add_argument("--stall-timeout", type=float, default=300.0,
+                 help="seconds without a step before a host's stacks are dumped and the "
+                 "group restarts")
+  h.add_argument("--placement-timeout", type=float, default=45.0,
+                 help="seconds to wait for the cluster to grant every host")
 
   s = sub.add_parser("sample", help="draw samples from a trained run")
   s.add_argument("run_dir")
@@ -61,12 +75,31 @@ def simulate_devices(n: int) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def main(argv=None) -> None:
-  args = _parser().parse_args(argv)
+def configure_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if args.command == "train" and args.debug:
+
+
+def _parse(argv):
+  """Like parse_args, but `key=value` overrides may also follow the options, as users
+  write them (argparse alone stops collecting positionals at the first option)."""
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)
+  late = [a for a in extra if "=" in a and not a.startswith("-")]
+  unknown = [a for a in extra if a not in late]
+  if unknown or (late and not hasattr(args, "overrides")):
+    parser.error(f"unrecognized arguments: {' '.join(unknown or late)}")
+  if late:
+    args.overrides = [*args.overrides, *late]
+  return args
+
+
+def main(argv=None) -> None:
+  args = _parse(argv)
+  configure_logging()
+  multi_host = args.command == "train" and args.hosts is not None
+  if args.command == "train" and args.debug and not multi_host:
     if args.devices < 1:
       _fail(f"--devices {args.devices}: needs at least 1")
     simulate_devices(args.devices)
@@ -76,7 +109,10 @@ def main(argv=None) -> None:
     simulate_devices(args.devices)
 
   from scaler.errors import UserError
-  from launch import commands
+  if multi_host:
+    from launch import ray_launcher as commands  # the driver never imports jax
+  else:
+    from launch import commands
   try:
     code = getattr(commands, args.command)(args)
   except UserError as e:

@@ -36,7 +36,6 @@ from scaler.errors import UserError
 
 log = logging.getLogger("scaler")
 
-ITEMS = ("state", "data", "record")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"   # how orbax names a step being written
 
 
@@ -89,12 +88,17 @@ class Checkpointer:
         # temporary directory of a run saving beside it. See `_clear_leftovers`.
         cleanup_tmp_directories=False,
         create=True)
-    self._mngr = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+    # Handlers named up front: a fresh process (a resume, `scaler sample`) must be able to
+    # read item metadata before it has saved or restored anything itself.
+    handlers = {"state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "record": ocp.JsonCheckpointHandler()}
+    self._mngr = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
     self._saved = set()       # steps written by this process
     self._cleared = False
     self._committed = set()   # steps seen with orbax's commit file (never uncommitted again)
     if not preemption.runtime_started():
-      log.info("no distributed runtime: SIGTERM will not be detected "
+      log.debug("no distributed runtime: SIGTERM will not be detected "
                "(scaler.checkpoint_preemption.start_runtime starts one)")
 
   # --- saving ---

@@ -76,7 +76,7 @@ def make_train_step(family, networks: state_lib.Networks, txs: dict, schedules: 
       for n in update.networks:
         delta, opt_state[n] = txs[n].update(grads[n], opt_state[n], params[n])
         params[n] = optax.apply_updates(params[n], delta)
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads)
       finite &= jnp.isfinite(grad_norm) & jnp.isfinite(out.loss)
       metrics[f"{update.name}/loss"] = out.loss
       metrics[f"{update.name}/grad_norm"] = grad_norm
@@ -88,7 +88,12 @@ def make_train_step(family, networks: state_lib.Networks, txs: dict, schedules: 
       metrics[f"lr/{n}"] = sched(state["step"])
     ema = state["ema"]
     if use_ema:
-      ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+      # Warm-up (TF's num_updates rule, as in diffusers): a fixed 0.999 would still hold
+      # 22% of the random init after 1500 steps, and a blend of init and trained weights
+      # is a broken network, not a smoothed one.
+      step = state["step"].astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+      ema = optax.incremental_update(params, ema, 1.0 - decay)
     metrics["finite"] = finite
     new_state = {**state, "step": state["step"] + 1, "params": params,
                  "opt_state": opt_state, "ema": ema, "extra": extra}

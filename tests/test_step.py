@@ -62,6 +62,15 @@ def test_ema_follows_the_parameters():
   assert any(not np.allclose(a, b) for a, b in zip(e, p))
 
 
+def test_ema_warms_up_instead_of_keeping_the_init():
+  # Step 0 uses decay min(0.999, 1/10): the EMA is already 90% the trained parameters.
+  state, _ = _run(DenoiseFamily(), ema_decay=0.999, steps=1)
+  init, _ = _run(DenoiseFamily(), ema_decay=0.999, steps=0)
+  for e, p, p0 in zip(*(jax.tree.leaves(t["net"]) for t in
+                        (state["ema"], state["params"], init["params"]))):
+    np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("mesh_cfg, rules", [
     (MeshConfig(data=1, fsdp=8), "fsdp"),
     (MeshConfig(data=1, fsdp=4, tensor=2), "fsdp_tensor"),
