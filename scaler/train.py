@@ -111,7 +111,8 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
                                 exp.rules, exp.mesh, tcfg.seed)
     data_state = None
   loader = BatchLoader(train_source, tcfg.batch_size, seed=tcfg.seed,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       prefetch=cfg.data.prefetch)
   if data_state is not None:
     loader.set_state(data_state)
   batches = iter(loader)
