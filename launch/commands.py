@@ -33,6 +33,7 @@ def train(args) -> int:
   # Before anything starts the backend: a one-process distributed runtime, so that
   # JAX's preemption notifier sees SIGTERM (a multi-host launch has started its own).
   checkpoint_preemption.start_runtime()
+  checkpoint_preemption.forward_signal(cfg.checkpoint.preemption_signal)
   run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
   ckpt_dir = Path(cfg.checkpoint.directory or run_dir / "checkpoints")
   if "://" not in str(cfg.checkpoint.directory or ""):

@@ -45,6 +45,8 @@ def _check_config(cfg: CheckpointConfig) -> None:
                     "at the end and on preemption")
   if cfg.keep_last < 1:
     raise UserError(f"checkpoint.keep_last={cfg.keep_last}: must be at least 1")
+  if cfg.preemption_signal is not None:
+    preemption._signal_number(cfg.preemption_signal)  # a bad name fails before training
   if cfg.keep_every < 0:
     raise UserError(f"checkpoint.keep_every={cfg.keep_every}: must be positive, or 0 for off")
   if cfg.keep_every and cfg.every and cfg.keep_every % cfg.every:

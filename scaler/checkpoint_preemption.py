@@ -20,11 +20,15 @@ coordination service), so the loop keeps training until `reached` says True.
 """
 
 import logging
+import os
+import signal
 import socket
 
 import jax
 from jax._src import distributed
 from jax.experimental import multihost_utils
+
+from scaler.errors import UserError
 
 log = logging.getLogger("scaler")
 
@@ -55,6 +59,26 @@ def start_runtime() -> None:
   jax.config.update("jax_cpu_collectives_implementation", None)
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{_free_port()}",
                              num_processes=1, process_id=0)
+
+
+def forward_signal(name: str | None) -> None:
+  """Makes signal `name` (e.g. "SIGUSR1", a scheduler's warning) a preemption notice.
+
+  The handler re-sends the signal as SIGTERM to this process, so it reaches JAX's
+  notifier, whose own SIGTERM handler stays in place.
+  """
+  if name is None:
+    return
+  signum = _signal_number(name)
+  signal.signal(signum, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def _signal_number(name: str) -> int:
+  allowed = ("SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT", "SIGXCPU")
+  if name.upper() not in allowed:
+    raise UserError(f"checkpoint.preemption_signal={name!r} is not accepted: one of "
+                    f"{', '.join(allowed)} (SIGTERM is always caught)")
+  return getattr(signal, name.upper())
 
 
 def reached(step: int) -> bool:

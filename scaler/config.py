@@ -58,6 +58,7 @@ class CheckpointConfig:
   keep_every: int = 0          # also keep every M-th step for good; 0 turns it off
   async_save: bool = True
   directory: str | None = None  # default: <run_dir>/checkpoints; may be a gs:// or s3:// URL
+  preemption_signal: str | None = None  # a second signal treated like SIGTERM, e.g. SIGUSR1
 
 
 @dataclasses.dataclass(frozen=True)

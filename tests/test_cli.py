@@ -92,6 +92,7 @@ def test_layout_prints_the_table():
     (["train", TINY, "model.name=resnet"], ["resnet", "mlp_denoiser"]),
     (["train", TINY, "data.source=npz", "data.path=/nonexistent/x.npz"], ["/nonexistent/x.npz"]),
     (["train", "/nonexistent/config.yaml"], ["/nonexistent/config.yaml"]),
+    (["train", TINY, "checkpoint.preemption_signal=SIGFOO"], ["SIGFOO", "SIGUSR1"]),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, words):
   expect_user_error(capsys, argv + ["--run-dir", str(tmp_path / "r")], *words)

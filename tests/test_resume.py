@@ -110,10 +110,10 @@ def test_sigkill_during_save_then_resume(tmp_path):
   _assert_bitwise(a, b)
 
 
-def test_sigterm_saves_exits_preempted_and_resumes(tmp_path):
-  run_dir = tmp_path / "pre"
+def _preempt(run_dir, sig, *overrides):
+  """Starts a long run, sends `sig` once it has logged, and returns (stopped step, cfg)."""
   args = ["train", TINY, "--run-dir", str(run_dir), "train.steps=3000", "checkpoint.every=1000",
-          "train.log_every=100"]
+          "train.log_every=100", *overrides]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.Popen([sys.executable, "-m", "launch", *args, "--debug"], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,7 +121,7 @@ def test_sigterm_saves_exits_preempted_and_resumes(tmp_path):
   deadline = time.time() + 240
   while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size):
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   stdout, stderr = proc.communicate(timeout=240)
   assert proc.returncode == 42, stderr[-3000:]
   assert "preempted at step" in stdout
@@ -129,7 +129,18 @@ def test_sigterm_saves_exits_preempted_and_resumes(tmp_path):
   ckpt = Checkpointer(str(run_dir / "checkpoints"), cfg.checkpoint, {})
   stopped = ckpt.latest_step()
   ckpt.close()
+  # Saved at the agreed step, not at a scheduled one.
   assert stopped is not None and 0 < stopped < 3000 and stopped % 1000, stopped
+  return stopped, cfg
+
+
+def test_second_signal_from_the_config_preempts_too(tmp_path):
+  _preempt(tmp_path / "usr1", signal.SIGUSR1, "checkpoint.preemption_signal=SIGUSR1")
+
+
+def test_sigterm_saves_exits_preempted_and_resumes(tmp_path):
+  run_dir = tmp_path / "pre"
+  stopped, cfg = _preempt(run_dir, signal.SIGTERM)
   # Resume a few steps past the preemption; a straight run to the same step agrees.
   end = stopped + 5
   train(cfg, run_dir, stop_at=end)
