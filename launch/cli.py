@@ -76,7 +76,9 @@ def simulate_devices(n: int) -> None:
 
 
 def configure_logging() -> None:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  # force: in a host process jax (absl) has configured the root logger already.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                      force=True)
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 

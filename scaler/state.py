@@ -98,8 +98,9 @@ def create(family, txs: dict, use_ema: bool, networks: Networks, rules: dict, me
            seed: int):
   """The sharded initial state and its shardings; nothing is ever whole on one device."""
   init = init_fn(family, txs, use_ema)
-  rng = jax.random.key(seed)
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(init, jax.random.key(seed))
   shardings = state_shardings(abstract, networks, txs, rules, mesh)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  # The key is made inside the jitted init, so no host value crosses into a mesh that
+  # may span other processes.
+  state = jax.jit(lambda: init(jax.random.key(seed)), out_shardings=shardings)()
   return state, shardings

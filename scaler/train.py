@@ -119,7 +119,10 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
 
   # Stage 4: compile once; FLOPs come from the compiled step.
   step_fn = compile_step(exp, shardings, batch_sharding)
-  rng = jax.device_put(jax.random.key(tcfg.seed), mesh_lib.replicated(exp.mesh))
+  # Made by a jitted function: a global array on the mesh, also across processes (a
+  # device_put of a host value cannot target devices of other processes).
+  rng = jax.jit(lambda: jax.random.key(tcfg.seed),
+                out_shardings=mesh_lib.replicated(exp.mesh))()
   batch = to_global(next(batches), batch_sharding)
   compiled = step_fn.lower(state, batch, rng).compile()
   flops = flops_per_step(compiled)
@@ -195,8 +198,10 @@ def draw_samples(exp, state, num: int, seed: int) -> np.ndarray:
   from jax.experimental import multihost_utils
 
   @jax.jit
-  def sample(params, rest, rng):
+  def sample(params, rest):
+    # The key is made inside: a host-made key would be local to one process.
+    rng = jax.random.key(seed + 1)
     return exp.family.sample(state_lib.merge(exp.networks, params, rest), rng, num)
 
-  out = sample(sample_params(state), state["rest"], jax.random.key(seed + 1))
+  out = sample(sample_params(state), state["rest"])
   return np.asarray(multihost_utils.process_allgather(out, tiled=True))

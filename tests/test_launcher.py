@@ -1,0 +1,253 @@
+"""The multi-host launcher through Ray, on this machine: N host processes x K CPU devices.
+
+Every job here is a real `python -m launch train ... --hosts N` with its own local Ray
+instance and real jax.distributed processes on 127.0.0.1; faults are injected with
+SCALER_FAULT=KIND:HOST:STEP (first attempt only, see launch/host.py).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch import ray_hosts
+from launch.ray_launcher import Outcome, root_cause
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_diffusion.yaml")
+# Long enough to kill mid-run after the step-10 save; short for two cores.
+RUN = ["train.steps=30", "checkpoint.every=10", "train.log_every=5"]
+TWO_HOSTS = ["--hosts", "2", "--devices-per-host", "2"]
+
+
+def scaler_train(*args, fault=None, timeout=420):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SCALER_FAULT")}
+  if fault:
+    env["SCALER_FAULT"] = fault
+  t0 = time.monotonic()
+  out = subprocess.run([sys.executable, "-m", "launch", "train", TINY, *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+  out.seconds = time.monotonic() - t0
+  out.all = out.stdout + out.stderr
+  return out
+
+
+def losses(run_dir):
+  rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["denoiser/loss"] for r in rows}
+
+
+def final_params(run_dir, step=30):
+  import jax
+  import orbax.checkpoint as ocp
+
+  state_dir = Path(run_dir) / "checkpoints" / str(step) / "state"
+  with ocp.PyTreeCheckpointer() as reader:
+    tree = reader.metadata(state_dir).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
+    return reader.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": tree["params"]}, restore_args={"params": args},
+        partial_restore=True))["params"]
+
+
+def assert_bitwise_equal(a, b):
+  import jax
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    assert np.array_equal(np.asarray(x), np.asarray(y)), "parameters differ after the restart"
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+  """The uninterrupted 2 hosts x 2 devices run every other run is compared with."""
+  run_dir = tmp_path_factory.mktemp("launcher") / "two_hosts"
+  out = scaler_train(*RUN, *TWO_HOSTS, "--run-dir", str(run_dir))
+  assert out.returncode == 0, out.all[-5000:]
+  return run_dir, out
+
+
+# --- the launch path ---
+
+
+@pytest.mark.ray
+def test_two_hosts_train_like_one_process_with_four_devices(two_hosts, tmp_path):
+  run_dir, out = two_hosts
+  one = scaler_train(*RUN, "--debug", "--devices", "4", "--run-dir", str(tmp_path / "one"))
+  assert one.returncode == 0, one.all[-3000:]
+  multi, single = losses(run_dir), losses(tmp_path / "one")
+  assert sorted(multi) == sorted(single) == [5, 10, 15, 20, 25, 30]
+  np.testing.assert_allclose([multi[s] for s in sorted(multi)],
+                             [single[s] for s in sorted(single)], rtol=1e-5,
+                             err_msg="2 hosts x 2 devices diverge from 1 process x 4 devices")
+  # Each host's lines reach the driver under its rank; the driver prints the result.
+  assert "[host 0] " in out.stdout and "[host 1] " in out.stdout
+  assert any(l.startswith("scaler: done at step 30") for l in out.stdout.splitlines())
+
+
+# --- recovery ---
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("host", [1, 0], ids=["worker", "coordinator"])
+def test_killed_host_restarts_from_checkpoint_bitwise(two_hosts, tmp_path, host):
+  out = scaler_train(*RUN, *TWO_HOSTS, "--max-failures", "1", "--run-dir", str(tmp_path / "r"),
+                     fault=f"kill:{host}:25")
+  assert out.returncode == 0, out.all[-5000:]
+  assert f"host {host} was killed by SIGKILL" in out.stderr
+  assert "attempt 2:" in out.stderr and "attempt 3:" not in out.stderr
+  # From the last committed save: 20, or 10 when step 20's async commit (a barrier of
+  # both hosts) had not finished when the host died. Never from scratch.
+  resumed = re.findall(r"\[host \d\] .* scaler: resumed from step (\d+)", out.stdout)
+  assert len(resumed) == 2 and set(resumed) <= {"10", "20"}, out.stdout[-3000:]
+  assert_bitwise_equal(final_params(tmp_path / "r"), final_params(two_hosts[0]))
+
+
+@pytest.mark.ray
+def test_stuck_host_is_named_dumped_and_restarted(tmp_path):
+  out = scaler_train(*RUN, *TWO_HOSTS, "--stall-timeout", "5", "--run-dir", str(tmp_path / "s"),
+                     fault="stall:1:15")
+  assert out.returncode == 0, out.all[-5000:]
+  assert "[host 1] watchdog: no step for" in out.stdout
+  assert "faulty_beat" in out.stdout  # host 1's Python stack, where it is stuck
+  assert "host 1 stalled: no step for" in out.stderr
+  assert "attempt 2:" in out.stderr
+
+
+@pytest.mark.ray
+def test_max_failures_exhausted_exits_with_the_cause(tmp_path):
+  out = scaler_train(*RUN, *TWO_HOSTS, "--max-failures", "0", "--run-dir", str(tmp_path / "f"),
+                     fault="raise:1:12")
+  assert out.returncode == 1, out.all[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert "giving up: 1 failure(s), --max-failures 0" in last
+  assert "host 1 failed" in last and "injected fault at step 12" in last
+
+
+# --- bad input ---
+
+
+@pytest.mark.ray
+def test_startup_failure_shows_one_traceback_and_no_restart(tmp_path):
+  out = scaler_train(*TWO_HOSTS, "--run-dir", str(tmp_path / "i"), fault="import:1:0")
+  assert out.returncode == 1, out.all[-3000:]
+  assert out.all.count("Traceback (most recent call last)") == 1, out.all
+  assert "host 1 failed at start-up: ImportError" in out.stderr
+  assert "attempt 2:" not in out.stderr
+
+
+@pytest.mark.ray
+def test_bad_config_on_the_hosts_is_one_user_error(tmp_path):
+  out = scaler_train("mesh.fsdp=3", *TWO_HOSTS, "--run-dir", str(tmp_path / "m"))
+  assert out.returncode == 2, out.all[-3000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith("scaler: error:")]
+  assert len(errors) == 1 and "mesh" in errors[0], out.stderr
+  assert "Traceback" not in out.all and "attempt 2:" not in out.stderr
+
+
+@pytest.mark.ray
+def test_more_hosts_than_the_machine_is_a_clear_error_within_a_minute(tmp_path):
+  out = scaler_train("--hosts", "64", "--run-dir", str(tmp_path / "h"), timeout=90)
+  assert out.returncode == 2, out.all[-3000:]
+  assert "64 hosts need 64 bundles of {CPU: 1}" in out.stderr
+  assert out.seconds < 60
+
+
+def test_unreachable_address_is_a_clear_error(tmp_path):
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # nothing listens here once the socket is closed
+  out = scaler_train(*TWO_HOSTS, "--address", f"127.0.0.1:{port}",
+                     "--run-dir", str(tmp_path / "u"), timeout=60)
+  assert out.returncode == 2
+  assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in out.stderr
+  assert out.seconds < 30
+
+
+@pytest.mark.parametrize("flag", [["--hosts", "0"], ["--hosts", "2", "--max-failures", "-1"]])
+def test_bad_launcher_arguments(flag, tmp_path):
+  out = scaler_train(*flag, "--run-dir", str(tmp_path / "a"), timeout=60)
+  assert out.returncode == 2 and "scaler: error: --" in out.stderr
+
+
+# --- security ---
+
+_PRIVATE = """
+import json, os, subprocess, sys
+from launch import ray_cluster
+ray_cluster.connect(None, 1)
+import psutil, ray
+listening, dashboard = set(), False
+me = psutil.Process()
+for p in [me] + me.children(recursive=True):
+  try:
+    ports = [c.laddr for c in p.net_connections("inet") if c.status == "LISTEN"]
+    listening |= {a.ip for a in ports}
+    # Ray keeps a head process for its own APIs; the web dashboard is its frontend.
+    cmd = p.cmdline()
+    dashboard |= any(a.port == 8265 for a in ports) or (
+        any(a.endswith("dashboard/dashboard.py") for a in cmd) and "--disable-frontend" not in cmd)
+  except psutil.Error:
+    pass
+gcs = ray.get_runtime_context().gcs_address
+env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+intruder = subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address='{gcs}')"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+rejected = any("InvalidAuthToken" in line for line in intruder.stderr)
+intruder.kill()
+print(json.dumps({"listening": sorted(listening), "rejected": rejected,
+                  "dashboard": dashboard}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_local_ray_is_loopback_only_with_token_auth_and_no_dashboard():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+  proc = subprocess.Popen([sys.executable, "-c", _PRIVATE], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    report = json.loads(proc.communicate(timeout=120)[0].strip().splitlines()[-1])
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert report["listening"] and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+                                     for ip in report["listening"]), report
+  assert report["rejected"], "a client without the token was not refused"
+  assert not report["dashboard"]
+
+
+# --- pieces, without Ray ---
+
+
+def test_host_env_is_built_afresh():
+  stale = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo=1",
+           "JAX_PLATFORMS": "cuda", "JAX_COORDINATOR_ADDRESS": "10.0.0.9:1",
+           "JAX_PROCESS_ID": "3", "RAY_AUTH_TOKEN": "secret", "HOME": "/root"}
+  env = ray_hosts.host_env(stale, devices=2, simulate=True, extra={"SCALER_FAULT": "x"})
+  assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"
+  assert env["JAX_PLATFORMS"] == "cpu" and env["HOME"] == "/root"
+  assert env["SCALER_FAULT"] == "x"
+  for gone in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID", "RAY_AUTH_TOKEN"):
+    assert gone not in env
+  gpu = ray_hosts.host_env(stale, devices=8, simulate=False, extra={})
+  assert "JAX_PLATFORMS" not in gpu and gpu["XLA_FLAGS"] == "--xla_foo=1"
+
+
+def test_root_cause_is_the_stuck_host_or_the_first_to_end():
+  stuck = Outcome("stalled", 1, step=15, ended_at=2.0)
+  blocked = Outcome("stalled", 0, step=23, ended_at=1.9)
+  assert root_cause([blocked, stuck]) is stuck
+  killed = Outcome("killed", 0, ended_at=1.0)
+  aborted = Outcome("killed", 1, ended_at=1.3)  # JAX's SIGABRT once its peer is gone
+  assert root_cause([aborted, killed]) is killed
+  preempted = Outcome("preempted", 1, ended_at=0.5)
+  assert root_cause([preempted, aborted]) is aborted
+  assert root_cause([preempted]) is preempted
