@@ -26,6 +26,7 @@ import socket
 
 import jax
 from jax._src import distributed
+from jax._src import xla_bridge
 from jax.experimental import multihost_utils
 
 from scaler.errors import UserError
@@ -52,6 +53,12 @@ def start_runtime() -> None:
   arguments instead; this is for a single process and does nothing once a runtime is up.
   """
   if runtime_started():
+    return
+  if xla_bridge.backends_are_initialized():
+    # Called from a process that has already run JAX (a notebook, a test): it trains
+    # normally, but SIGTERM cannot reach the sync point. Said once, not fatal.
+    log.warning("JAX was started before scaler could start its one-process runtime: "
+                "SIGTERM will not trigger a coordinated save in this process")
     return
   # One process needs no cross-process collectives. Left at JAX's default (gloo), XLA:CPU
   # routes every collective between the simulated devices through gloo sockets once a
