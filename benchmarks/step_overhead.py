@@ -175,23 +175,23 @@ def matmul_peak(n=2048, reps=10):
   return 2 * n ** 3 / t
 
 
-def debug_mode_ratio():
+def debug_mode_ratio(config):
   """Step time on 8 simulated devices over 1 device, each in a fresh process."""
   times = {}
   for devices in (1, 8):
     env = {**os.environ,
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     code = ("import sys; sys.path.insert(0, %r); from benchmarks.step_overhead import _one;"
-            " print(_one())" % str(ROOT))
+            " print(_one(%r))" % (str(ROOT), config))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True)
     times[devices] = float(out.stdout.strip().splitlines()[-1])
-  return {"case": "debug_8_over_1", "one_device_ms": times[1] * 1e3,
+  return {"case": f"debug_8_over_1 {config}", "one_device_ms": times[1] * 1e3,
           "eight_devices_ms": times[8] * 1e3, "ratio": times[8] / times[1]}
 
 
-def _one():
-  """Compiled step time of the default moons config on all visible devices."""
+def _one(config):
+  """Compiled step time of a shipped config, as shipped, on all visible devices."""
   import jax
   import numpy as np
 
@@ -200,12 +200,13 @@ def _one():
   from scaler import mesh as mesh_lib
   from scaler import state as state_lib
   from scaler.train import compile_step
-  cfg = config_lib.load(ROOT / "configs/diffusion_moons.yaml")
+  cfg = config_lib.load(ROOT / config)
   exp = experiment_lib.build(cfg)
   _, shardings = experiment_lib.abstract_shardings(exp)
   state, _ = state_lib.create(exp.family, exp.txs, True, exp.networks, exp.rules, exp.mesh, 0)
   bsh = mesh_lib.batch_sharding(exp.mesh)
-  x = np.random.default_rng(0).normal(size=(cfg.train.batch_size, 2)).astype(np.float32)
+  x = np.random.default_rng(0).normal(size=(cfg.train.batch_size, *exp.spec.shape))
+  x = x.astype(np.float32)
   batch = {"x": jax.device_put(x, bsh)}
   key = jax.random.key(0)
   step = compile_step(exp, shardings, bsh).lower(state, batch, key).compile()
@@ -227,7 +228,8 @@ def main():
   for r in rows:
     r["share_of_matmul_peak"] = r["achieved_flops_per_sec"] / peak
   rows.append(loop_ratio())
-  rows.append(debug_mode_ratio())
+  rows.append(debug_mode_ratio("configs/diffusion_moons.yaml"))
+  rows.append(debug_mode_ratio("configs/diffusion_digits.yaml"))
   result = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
             "matmul_peak_flops_per_sec": peak, "rows": rows,
             "date": time.strftime("%Y-%m-%d")}
