@@ -103,6 +103,8 @@ def _inject_fault(rank: int, attempt: int) -> None:
     if step == int(fault_step):
       if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+      elif kind == "term":
+        os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier takes it; training goes on
       elif kind == "stall":
         time.sleep(1e9)
       elif kind == "raise":

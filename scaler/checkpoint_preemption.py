@@ -55,9 +55,9 @@ def start_runtime() -> None:
   if runtime_started():
     return
   if xla_bridge.backends_are_initialized():
-    # Called from a process that has already run JAX (a notebook, a test): it trains
-    # normally, but SIGTERM cannot reach the sync point. Said once, not fatal.
-    log.warning("JAX was started before scaler could start its one-process runtime: "
+    # Called in a process that has already run JAX (a notebook, in-process tests): it
+    # trains normally, but SIGTERM cannot reach the sync point. Not the CLI's case.
+    log.debug("JAX was started before scaler could start its one-process runtime: "
                 "SIGTERM will not trigger a coordinated save in this process")
     return
   # One process needs no cross-process collectives. Left at JAX's default (gloo), XLA:CPU

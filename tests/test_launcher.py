@@ -136,6 +136,21 @@ def test_killed_host_restarts_from_checkpoint_bitwise(two_hosts, tmp_path, host)
 
 
 @pytest.mark.ray
+def test_preemption_restarts_without_spending_a_failure(two_hosts, tmp_path):
+  # SIGTERM on host 1: both hosts agree on a step, save it and exit 42; with
+  # --max-failures 0 the job can only finish if that restart is not counted.
+  run_dir = tmp_path / "p"
+  out = scaler_train(*RUN, *TWO_HOSTS, "--max-failures", "0", "--run-dir", str(run_dir),
+                     fault="term:1:15")
+  assert out.returncode == 0, out.all[-5000:]
+  assert "was preempted; restarting (preemption 1, not a failure)" in out.stderr
+  assert "attempt 2:" in out.stderr and "attempt 3:" not in out.stderr
+  resumed = re.findall(r"\[host \d\] .* scaler: resumed from step (\d+)", out.stdout)
+  assert len(resumed) == 2 and len(set(resumed)) == 1 and int(resumed[0]) >= 15, out.stdout
+  assert_bitwise_equal(final_params(run_dir), final_params(two_hosts[0]))
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_stuck_host_is_named_dumped_and_restarted(tmp_path):
   out = scaler_train(*RUN, *TWO_HOSTS, "--stall-timeout", "5", "--run-dir", str(tmp_path / "s"),
