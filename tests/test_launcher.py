@@ -8,8 +8,10 @@ SCALER_FAULT=KIND:HOST:STEP (first attempt only, see launch/host.py).
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -170,6 +172,58 @@ def test_max_failures_exhausted_exits_with_the_cause(tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert "giving up: 1 failure(s), --max-failures 0" in last
   assert "host 1 failed" in last and "injected fault at step 12" in last
+
+
+# --- an existing cluster ---
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+  """A Ray head started the way a cluster admin would, on loopback, with the job API."""
+  gcs, dash = _free_port(), _free_port()
+  temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # socket paths: at most 107 bytes
+  env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+  env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+  start = subprocess.run(
+      ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+       "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+       "--dashboard-port", str(dash), "--temp-dir", temp_dir],
+      env=env, capture_output=True, text=True, timeout=120)
+  assert start.returncode == 0, start.stdout + start.stderr
+  try:
+    yield env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+  finally:
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_existing_cluster_by_address_and_by_job_submit(ray_cluster, tmp_path):
+  env, gcs, dashboard = ray_cluster
+  args = ["train", TINY, *RUN, *TWO_HOSTS]
+  direct = subprocess.run([sys.executable, "-m", "launch", *args, "--address", gcs,
+                           "--run-dir", str(tmp_path / "direct")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert direct.returncode == 0, (direct.stdout + direct.stderr)[-4000:]
+  assert "scaler: Ray connected" in direct.stderr
+  # `ray job submit` ships the code only (no runtime_env packages): the job's driver
+  # finds the cluster through RAY_ADDRESS, which Ray sets for it.
+  job = subprocess.run(
+      ["ray", "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
+       "python", "-m", "launch", *args, "--run-dir", str(tmp_path / "job")],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+  assert "scaler: done at step 30" in job.stdout
+  np.testing.assert_allclose([losses(tmp_path / "job")[s] for s in (10, 20, 30)],
+                             [losses(tmp_path / "direct")[s] for s in (10, 20, 30)], rtol=1e-5)
 
 
 # --- bad input ---
