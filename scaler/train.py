@@ -30,8 +30,12 @@ from scaler.step import make_train_step
 log = logging.getLogger("scaler")
 
 
-class NonFiniteError(RuntimeError):
-  """Training produced NaN or Inf; the message names the step and the first bad array."""
+class NonFiniteError(UserError):
+  """Training produced NaN or Inf; the message names the step and the first bad array.
+
+  A UserError: the cause is in the config (a learning rate, a schedule, the data) and a
+  restart would repeat it, so the CLI prints one line and the launcher does not retry.
+  """
 
 
 def first_non_finite(tree) -> str | None:
@@ -147,7 +151,8 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
         values = jax.device_get(metrics)
         if not values.pop("finite"):
           bad = first_non_finite(state) or "a loss or gradient"
-          raise NonFiniteError(f"non-finite values at step {done}: first in state{bad}")
+          raise NonFiniteError(f"non-finite values at step {done}: first in state{bad}; "
+                               "lower optimizer.lr or set optimizer.clip_norm")
         if done % tcfg.log_every == 0 or done == end:
           elapsed = time.perf_counter() - t0
           rate = (done - t0_step) / max(elapsed, 1e-9)

@@ -104,3 +104,14 @@ def test_malformed_data_file(capsys, tmp_path):
   bad.write_bytes(b"not a numpy file")
   expect_user_error(capsys, ["train", TINY, "data.source=npy", f"data.path={bad}",
                              "--run-dir", str(tmp_path / "r")], str(bad))
+
+
+def test_debug_mode_stops_at_the_first_non_finite_step(tmp_path):
+  # lr=1e30 overflows within a couple of steps; the check runs after every step.
+  out = scaler("train", TINY, "--debug", "--run-dir", str(tmp_path / "nan"), "optimizer.lr=1e30",
+               "optimizer.clip_norm=0")
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("scaler: error: non-finite values at step "), last
+  assert "first in state['" in last and "lower optimizer.lr" in last
