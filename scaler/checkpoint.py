@@ -73,6 +73,22 @@ def _short(error: Exception, limit: int = 600) -> str:
   return text if len(text) <= limit else text[:limit] + " ..."
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, kept away from JAX's preemption sync point.
+
+  orbax asks `reached_preemption(step)` from its finalize thread too, with the step it is
+  finalizing: an older one. JAX's sync manager takes every call's step as the current
+  one, so such a call can put the agreed stop step behind the loop, which then never
+  reaches it (seen under load: SIGTERM caught, no stop). Only the train loop asks JAX,
+  once per step, in order; orbax gets the loop's answer.
+  """
+
+  preempted_step = None
+
+  def reached_preemption(self, step: int) -> bool:
+    return step == self.preempted_step
+
+
 class Checkpointer:
   """A run's checkpoints: every `cfg.every` steps, the last `cfg.keep_last` kept, plus
   every `cfg.keep_every`-th step for good."""
@@ -95,7 +111,7 @@ class Checkpointer:
     handlers = {"state": ocp.StandardCheckpointHandler(),
                 "data": ocp.JsonCheckpointHandler(),
                 "record": ocp.JsonCheckpointHandler()}
-    self._mngr = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+    self._mngr = _Manager(self.directory, item_handlers=handlers, options=options)
     self._saved = set()       # steps written by this process
     self._cleared = False
     self._committed = set()   # steps seen with orbax's commit file (never uncommitted again)
@@ -183,7 +199,10 @@ class Checkpointer:
 
   def reached_preemption(self, step: int) -> bool:
     """True when every process agrees to stop at `step` after a SIGTERM (call each step)."""
-    return preemption.reached(step)
+    if not preemption.reached(step):
+      return False
+    self._mngr.preempted_step = step
+    return True
 
   # --- listing ---
 

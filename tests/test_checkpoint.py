@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scaler.checkpoint import Checkpointer
@@ -342,6 +344,24 @@ def test_preemption_sync_point_single_process(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   _, step, latest = out.stdout.split()
   assert int(step) > 3 and int(latest) == int(step)
+
+
+def test_only_the_loop_asks_jax_for_the_stop_step(tmp_path, state, monkeypatch):
+  # JAX's sync manager takes each call's step as the current one: orbax asking from its
+  # finalize thread with an older step could set the stop step behind the loop.
+  calls = []
+
+  def sync_point(step):
+    calls.append((threading.current_thread() is threading.main_thread(), step))
+    return step == 4
+
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", sync_point)
+  ckpt = Checkpointer(str(tmp_path), cfg(every=2), RECORD)
+  for step in range(1, 5):
+    ckpt.save(step, state, {"step": step, "seed": 0})
+    stop = ckpt.reached_preemption(step)
+  ckpt.close()
+  assert stop and calls == [(True, s) for s in range(1, 5)]
 
 
 @pytest.mark.parametrize("bad", [{"keep_last": 0}, {"every": -1}, {"keep_every": -2}])
