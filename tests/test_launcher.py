@@ -138,6 +138,7 @@ def test_killed_host_restarts_from_checkpoint_bitwise(two_hosts, tmp_path, host)
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_preemption_restarts_without_spending_a_failure(two_hosts, tmp_path):
   # SIGTERM on host 1: both hosts agree on a step, save it and exit 42; with
   # --max-failures 0 the job can only finish if that restart is not counted.
