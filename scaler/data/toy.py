@@ -1,10 +1,11 @@
 """2D toy distributions, generated deterministically, vectorised."""
 
 import numpy as np
-from sklearn.datasets import make_moons
 
 
 def two_moons(n, rng, noise):
+  # Imported here: scikit-learn takes over a second to import; other sources skip it.
+  from sklearn.datasets import make_moons
   x, _ = make_moons(n, noise=noise, random_state=int(rng.integers(2**31)))
   return x
 
