@@ -137,6 +137,7 @@ def _preempt(run_dir, sig, *overrides):
   return stopped, cfg
 
 
+@pytest.mark.slow  # the same path as SIGTERM below, which stays in the default suite
 def test_second_signal_from_the_config_preempts_too(tmp_path):
   _preempt(tmp_path / "usr1", signal.SIGUSR1, "checkpoint.preemption_signal=SIGUSR1")
 
