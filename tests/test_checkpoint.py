@@ -346,6 +346,19 @@ def test_preemption_sync_point_single_process(tmp_path):
   assert int(step) > 3 and int(latest) == int(step)
 
 
+def test_small_replicated_arrays_save_without_compiling(tmp_path, mesh8, caplog):
+  # orbax's replica-parallel save slices every replicated array on every device: one
+  # compile per device and shape, seconds at a small model's first save.
+  rep = NamedSharding(mesh8, P())
+  small = {"w": jax.device_put(jnp.ones((64, 64)), rep), "b": jax.device_put(jnp.ones(64), rep)}
+  ckpt = Checkpointer(str(tmp_path), cfg(), RECORD)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    assert ckpt.save(1, small, {"step": 1})
+    ckpt.wait()
+  ckpt.close()
+  assert not [r for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+
+
 def test_only_the_loop_asks_jax_for_the_stop_step(tmp_path, state, monkeypatch):
   # JAX's sync manager takes each call's step as the current one: orbax asking from its
   # finalize thread with an older step could set the stop step behind the loop.
