@@ -118,7 +118,8 @@ class Checkpointer:
   def __init__(self, directory: str, cfg: CheckpointConfig, record: dict):
     _check_config(cfg)
     checks.check_root(str(directory))
-    self.directory = epath.Path(directory)
+    # The default run directory, runs/NAME, is relative.
+    self.directory = epath.Path(checks.absolute(directory))
     self._cfg = cfg
     self._record = dict(record)
     options = ocp.CheckpointManagerOptions(

@@ -20,6 +20,14 @@ def is_local(path) -> bool:
   return "://" not in str(path)
 
 
+def absolute(path) -> str:
+  """A local path made absolute (orbax refuses relative ones); URLs as they are.
+
+  abspath, not realpath: symbolic links are refused by the checks, not followed here.
+  """
+  return os.path.abspath(path) if is_local(path) else str(path)
+
+
 def check_root(directory: str) -> None:
   """Refuses a checkpoint root that is a symbolic link (object stores have none)."""
   if is_local(directory) and os.path.islink(directory):

@@ -29,11 +29,11 @@ def export(checkpoint_dir: str, step: int | None, out_dir: str) -> str:
   Returns `out_dir`. Raises UserError for a non-empty `out_dir`, a missing
   step or an unsafe checkpoint directory.
   """
-  out = epath.Path(out_dir)
+  out = epath.Path(checks.absolute(out_dir))
   if out.exists() and any(out.iterdir()):
     raise UserError(f"export directory {out_dir} exists and is not empty; choose another")
   checks.check_root(str(checkpoint_dir))
-  root = epath.Path(checkpoint_dir)
+  root = epath.Path(checks.absolute(checkpoint_dir))
   steps = checks.committed_steps(root)
   if step is None and not steps:
     raise UserError(f"no committed checkpoint in {checkpoint_dir}")

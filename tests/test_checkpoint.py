@@ -346,6 +346,21 @@ def test_preemption_sync_point_single_process(tmp_path):
   assert int(step) > 3 and int(latest) == int(step)
 
 
+def test_relative_directories_save_restore_and_export(tmp_path, state, monkeypatch):
+  # The default run directory (runs/NAME) is relative; orbax only takes absolute paths.
+  monkeypatch.chdir(tmp_path)
+  ckpt = Checkpointer("runs/x/checkpoints", cfg(), RECORD)
+  assert ckpt.save(1, state, {"step": 1, "seed": 0})
+  ckpt.wait()
+  assert ckpt.all_steps() == [1]
+  restored = ckpt.restore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  ckpt.close()
+  assert_same(restored[0], state)
+  export("runs/x/checkpoints", None, "exported")
+  with ocp.StandardCheckpointer() as ckptr:
+    assert_same(ckptr.restore(str(tmp_path / "exported")), jax.tree.map(np.asarray, state["ema"]))
+
+
 def test_small_replicated_arrays_save_without_compiling(tmp_path, mesh8, caplog):
   # orbax's replica-parallel save slices every replicated array on every device: one
   # compile per device and shape, seconds at a small model's first save.
