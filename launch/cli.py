@@ -31,7 +31,7 @@ def _parser():
   t.add_argument("--resume-from", type=int, help="resume from this checkpoint step")
   t.add_argument("--debug", action="store_true",
                  help="one process on simulated CPU devices, NaN/Inf checked every step")
-  t.add_argument("--devices", type=int, default=8, help="simulated devices with --debug")
+  t.add_argument("--devices", type=int, help="simulated devices with --debug (default 8)")
   h = t.add_argument_group("multi-host (through Ray; see launch/README.md)")
   h.add_argument("--hosts", type=int, help="host processes, one per placement-group bundle")
   h.add_argument("--devices-per-host", type=int, help="accelerators per host (default: a "
@@ -101,10 +101,14 @@ def main(argv=None) -> None:
   args = _parse(argv)
   configure_logging()
   multi_host = args.command == "train" and args.hosts is not None
+  if args.command == "train" and args.devices is not None and not args.debug:
+    _fail(f"--devices {args.devices} simulates CPU devices and needs --debug; without it "
+          "the run uses the machine's real devices (--devices-per-host with --hosts)")
   if args.command == "train" and args.debug and not multi_host:
-    if args.devices < 1:
-      _fail(f"--devices {args.devices}: needs at least 1")
-    simulate_devices(args.devices)
+    devices = 8 if args.devices is None else args.devices
+    if devices < 1:
+      _fail(f"--devices {devices}: needs at least 1")
+    simulate_devices(devices)
   elif args.command == "layout":
     if args.devices < 1:
       _fail(f"--devices {args.devices}: needs at least 1")

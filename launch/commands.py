@@ -77,7 +77,7 @@ def sample(args) -> int:
   from scaler import experiment as experiment_lib
   from scaler import plots
   from scaler.checkpoint import Checkpointer
-  from scaler.train import draw_samples
+  from scaler.sampling import draw_samples
 
   run_dir = Path(args.run_dir)
   out = Path(args.out)
@@ -89,14 +89,12 @@ def sample(args) -> int:
     raise UserError(f"--out {out} exists; choose another name (nothing is overwritten)")
   cfg = _fit_mesh(_load_run(run_dir))
   exp = experiment_lib.build(cfg)
-  abstract, shardings = experiment_lib.abstract_shardings(exp)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = experiment_lib.abstract_target(exp)
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
-  samples = exp.spec.denormalize(draw_samples(exp, state, args.num, args.seed))
+  samples = exp.spec.denormalize(draw_samples(exp, state, args.num, seed=args.seed))
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".npz":
     np.savez(out, samples=np.asarray(samples, np.float32))
@@ -106,41 +104,58 @@ def sample(args) -> int:
   return 0
 
 
+def _layout_rows(tree, shardings, prefix):
+  import jax
+
+  from scaler.partitioning import path_str
+
+  rows = []
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree),
+                                    jax.tree.leaves(shardings)):
+    shard = sharding.shard_shape(leaf.shape)
+    rows.append((prefix + path_str(path), str(tuple(leaf.shape)), str(tuple(sharding.spec)),
+                 math.prod(shard) * leaf.dtype.itemsize))
+  return rows
+
+
 def layout(args) -> int:
   import jax
 
   from scaler import experiment as experiment_lib
   from scaler import mesh as mesh_lib
-  from scaler.partitioning import path_str
   from scaler.train import compile_step
 
   cfg = config_lib.load(args.config, args.overrides)
   exp = experiment_lib.build(cfg)
   abstract, shardings = experiment_lib.abstract_shardings(exp)
   print(f"mesh: {dict(exp.mesh.shape)} over {exp.mesh.devices.size} devices; "
-        f"rules: {cfg.rules if isinstance(cfg.rules, str) else 'custom'}")
-  rows = []
-  for (path, leaf), sharding in zip(
-      jax.tree_util.tree_leaves_with_path(abstract["params"]),
-      jax.tree.leaves(shardings["params"])):
-    shard = sharding.shard_shape(leaf.shape)
-    rows.append((path_str(path), str(tuple(leaf.shape)), str(tuple(sharding.spec)),
-                 math.prod(shard) * leaf.dtype.itemsize))
-  widths = [max(len(r[i]) for r in rows + [("parameter", "shape", "spec")]) for i in range(3)]
-  print(f"{'parameter':<{widths[0]}}  {'shape':<{widths[1]}}  {'spec':<{widths[2]}}  bytes/device")
-  for r in rows:
-    print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>12,}")
-  total = sum(r[3] for r in rows)
-  print(f"parameters: {sum(math.prod(l.shape) for l in jax.tree.leaves(abstract['params'])):,}"
-        f"; bytes per device: {total:,}")
+        f"rules: {cfg.rules if isinstance(cfg.rules, str) else 'custom'}; "
+        f"precision: params {cfg.precision.params}, compute {cfg.precision.compute}")
+  parts = [("parameters", "params", ""), ("optimizer state", "opt_state", ""),
+           ("EMA", "ema", ""), ("non-parameter state", "rest", ""), ("extra state", "extra", "")]
+  totals = {}
+  for title, field, prefix in parts:
+    rows = _layout_rows(getattr(abstract, field), getattr(shardings, field), prefix)
+    if not rows:
+      continue
+    widths = [max(len(r[i]) for r in rows + [(title, "shape", "spec")]) for i in range(3)]
+    print(f"\n{title:<{widths[0]}}  {'shape':<{widths[1]}}  {'spec':<{widths[2]}}  bytes/device")
+    for r in rows:
+      print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>12,}")
+    totals[title] = sum(r[3] for r in rows)
+  counts = {n: sum(math.prod(l.shape) for l in jax.tree.leaves(p))
+            for n, p in abstract.params.items()}
+  print("\nparameters: " + ", ".join(f"{n} {c:,}" for n, c in counts.items())
+        + f"; bytes per device: " + ", ".join(f"{k} {v:,}" for k, v in totals.items()))
+  batch_sharding = mesh_lib.batch_sharding(exp.mesh)
   batch = {"x": jax.ShapeDtypeStruct((cfg.train.batch_size, *exp.spec.shape), np.float32,
-                                     sharding=mesh_lib.batch_sharding(exp.mesh))}
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                             sharding=mesh_lib.replicated(exp.mesh))
-  compiled = compile_step(exp, shardings, mesh_lib.batch_sharding(exp.mesh)).lower(
-      state, batch, rng).compile()
+                                     sharding=batch_sharding)}
+  if exp.spec.num_classes:
+    batch["label"] = jax.ShapeDtypeStruct((cfg.train.batch_size,), np.int32,
+                                          sharding=batch_sharding)
+  state = experiment_lib.abstract_target(exp)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(exp.mesh))
+  compiled = compile_step(exp, shardings, batch_sharding).lower(state, batch, key).compile()
   mem = compiled.memory_analysis()
   if mem is not None:
     print(f"compiled step, per device: arguments {mem.argument_size_in_bytes:,} B, "

@@ -1,7 +1,8 @@
 """The pieces of an experiment, built from a config: mesh, data, family, optimizers.
 
-`scaler train`, `scaler layout` and `scaler sample` all start here, so a config that
-trains is a config that lays out and samples, with the same checks in the same order.
+`scaler train`, `scaler layout`, `scaler sample` and `scaler eval` all start here, so a
+config that trains is a config that lays out and samples, with the same checks in the
+same order, all before anything compiles.
 """
 
 import dataclasses
@@ -14,8 +15,9 @@ from scaler import optim
 from scaler import partitioning
 from scaler import state as state_lib
 from scaler.config import Config
-from scaler.data import load_source
+from scaler.errors import UserError
 from scaler.families import FAMILIES
+from scaler.nn.layers import Precision
 from scaler.nn.registry import NETWORKS
 
 
@@ -30,35 +32,96 @@ class Experiment:
   txs: dict                # network -> optax.GradientTransformation
   schedules: dict          # network -> learning-rate schedule
 
+  @property
+  def use_ema(self) -> bool:
+    return self.cfg.train.ema_decay > 0
 
-def build_family(cfg: Config, data_shape):
+
+def build_family(cfg: Config, spec):
+  """The family object; it gets the data's spec (shape, kind, classes) and the precision."""
   family_cls = FAMILIES[cfg.family.name][1]
   net_cls = NETWORKS[cfg.model.name][1]
-  return family_cls(cfg.family.cfg, net_cls, cfg.model.cfg, tuple(data_shape))
+  return family_cls(cfg.family.cfg, net_cls, cfg.model.cfg, spec,
+                    Precision.from_config(cfg.precision))
 
 
-def build(cfg: Config, devices=None, train_source=None) -> Experiment:
+def _optimizers(cfg: Config, names: list[str]):
+  if isinstance(cfg.optimizer, dict):
+    unknown = sorted(set(cfg.optimizer) - set(names))
+    if unknown:
+      raise UserError(f"optimizer.{unknown[0]}: the family '{cfg.family.name}' has no network "
+                      f"'{unknown[0]}'; its networks: {', '.join(names)}")
+    missing = sorted(set(names) - set(cfg.optimizer))
+    if missing:
+      raise UserError(f"optimizer: per-network sections must cover every network; missing "
+                      f"{', '.join(missing)} (the family's networks: {', '.join(names)})")
+  steps = cfg.train.steps
+  txs = {n: optim.optimizer(cfg.optimizer_for(n), steps) for n in names}
+  schedules = {n: optim.schedule(cfg.optimizer_for(n), steps) for n in names}
+  return txs, schedules
+
+
+def _check_batch(cfg: Config, mesh: Mesh, family) -> None:
+  """Every slice the step takes (repeats x micro-batches) splits evenly over the batch axes."""
+  repeat = max((u.repeat for u in family.updates), default=1)
+  for u in family.updates:
+    if u.repeat < 1:
+      raise ValueError(f"update {u.name} has repeat={u.repeat}")
+  mesh_lib.check_batch(mesh, cfg.train.batch_size, cfg.train.micro_batches, repeat)
+
+
+def check_mesh_use(mesh: Mesh, shardings: state_lib.TrainState, rules_name) -> None:
+  """Refuses a mesh axis with devices that nothing is split over.
+
+  The batch is split over `data` and `fsdp`; `tensor` splits only what the rules map to
+  it. With `mesh.tensor=2` and no parameter on `tensor`, half the devices would repeat
+  the other half's work.
+  """
+  used = set(mesh_lib.BATCH_AXES)
+  for s in jax.tree.leaves(shardings):
+    for entry in s.spec:
+      used.update(entry if isinstance(entry, tuple) else (entry,))
+  for axis in mesh_lib.AXES:
+    if mesh.shape[axis] > 1 and axis not in used:
+      raise UserError(
+          f"mesh.{axis}={mesh.shape[axis]}, but no parameter is split over '{axis}' under "
+          f"rules {rules_name!r}: its devices would duplicate work. Set mesh.{axis}=1 (its "
+          f"devices go to mesh.data), or use rules that map a role to '{axis}' "
+          "(e.g. fsdp_tensor)")
+
+
+def build(cfg: Config, devices=None, spec=None) -> Experiment:
   """Checks everything that can be checked before compiling, in a fixed order."""
+  from scaler.data import load_spec
+
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-  mesh_lib.check_batch(mesh, cfg.train.batch_size, cfg.train.micro_batches)
   rules = partitioning.resolve_rules(cfg.rules)
-  source = train_source if train_source is not None else load_source(cfg.data, "train")
-  family = build_family(cfg, source.spec.shape)
+  spec = spec if spec is not None else load_spec(cfg.data)
+  family = build_family(cfg, spec)
+  _check_batch(cfg, mesh, family)
   networks = state_lib.describe(family)
-  names = sorted(networks.graphdefs)
-  schedules = {n: optim.schedule(cfg.optimizer, cfg.train.steps) for n in names}
-  txs = {n: optim.optimizer(cfg.optimizer, cfg.train.steps) for n in names}
-  exp = Experiment(cfg, mesh, rules, source.spec, family, networks, txs, schedules)
-  abstract_shardings(exp)  # every parameter's rule is checked here, before any compile
+  txs, schedules = _optimizers(cfg, sorted(networks.graphdefs))
+  exp = Experiment(cfg, mesh, rules, spec, family, networks, txs, schedules)
+  _, shardings = abstract_shardings(exp)  # every parameter's rule is checked here
+  check_mesh_use(mesh, shardings, cfg.rules)
+  mesh_lib.check_batch_rows(mesh)
   return exp
 
 
-def abstract_state(exp: Experiment):
-  init = state_lib.init_fn(exp.family, exp.txs, exp.cfg.train.ema_decay > 0)
-  return jax.eval_shape(init, jax.random.key(0))
+def abstract_state(exp: Experiment) -> state_lib.TrainState:
+  init = state_lib.init_fn(exp.family, exp.networks, exp.txs, exp.use_ema, exp.cfg.train.seed)
+  return jax.eval_shape(init)
 
 
 def abstract_shardings(exp: Experiment):
   abstract = abstract_state(exp)
-  shardings = state_lib.state_shardings(abstract, exp.networks, exp.txs, exp.rules, exp.mesh)
+  shardings = state_lib.state_shardings(abstract, exp.family, exp.networks, exp.txs,
+                                        exp.rules, exp.mesh)
   return abstract, shardings
+
+
+def abstract_target(exp: Experiment):
+  """Shape, dtype and sharding of every leaf: what a restore reads into."""
+  abstract, shardings = abstract_shardings(exp)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)

@@ -52,20 +52,49 @@ def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch(mesh: Mesh, batch_size: int, micro_batches: int) -> None:
-  """The global batch (and each micro-batch) must split evenly over data x fsdp."""
+def check_batch(mesh: Mesh, batch_size: int, micro_batches: int, repeat: int = 1) -> None:
+  """The global batch, each update's slice of it (`repeat`, e.g. a WGAN's n_critic) and
+  each micro-batch of a slice must split evenly over data x fsdp."""
   shards = batch_shards(mesh)
   if micro_batches < 1:
     raise UserError(f"train.micro_batches={micro_batches}: must be at least 1")
-  if batch_size % micro_batches:
-    raise UserError(
-        f"train.batch_size={batch_size} is not divisible by train.micro_batches={micro_batches}")
-  micro = batch_size // micro_batches
+  parts = micro_batches * repeat
+  what = f"train.micro_batches={micro_batches}" + (
+      f" x {repeat} updates on slices of the batch" if repeat > 1 else "")
+  if batch_size % parts:
+    raise UserError(f"train.batch_size={batch_size} is not divisible by {what} = {parts}")
+  micro = batch_size // parts
   if micro % shards:
     raise UserError(
         f"train.batch_size={batch_size} (micro-batch {micro}) is not divisible by "
         f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {shards}; "
-        f"use a multiple of {shards}")
+        f"use a multiple of {shards * parts}")
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """The rows [lo, hi) of each global batch that this process's devices hold.
+
+  Computed from the batch sharding, not from the process index: when a non-batch axis
+  (tensor) spans processes, several processes hold the same rows and each loads them.
+  """
+  sharding = batch_sharding(mesh)
+  spans = [idx[0].indices(global_batch)[:2]
+           for idx in sharding.addressable_devices_indices_map((global_batch,)).values()]
+  lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+  covered = set()
+  for a, b in spans:
+    covered.update(range(a, b))
+  if covered != set(range(lo, hi)):
+    raise UserError(
+        f"mesh {dict(mesh.shape)}: this process's devices hold rows of the batch that are "
+        "not one contiguous block; order the devices so that each process holds one block "
+        "(put the process-spanning axes first: data, then fsdp)")
+  return lo, hi
+
+
+def check_batch_rows(mesh: Mesh) -> None:
+  """Fails at start-up, with the reason, where a batch could not be assembled."""
+  process_rows(mesh, batch_shards(mesh) * 8)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

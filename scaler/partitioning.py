@@ -13,30 +13,43 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scaler.errors import UserError
-from scaler.mesh import AXES
+from scaler.mesh import AXES, BATCH_AXES
 
-ROLES = ("embed", "mlp", "heads", "kv", "conv_in", "conv_out", "vocab", "time", "norm")
+ROLES = ("embed", "mlp", "heads", "kv", "conv_in", "conv_out", "vocab", "time", "norm",
+         "batch")
 
 _NONE = {r: None for r in ROLES}
+# `batch` names a dimension of examples (a replay buffer's rows): split like the batch.
+_BATCH = {"batch": BATCH_AXES}
 PRESETS = {
     # Every parameter replicated; the batch is split over data (and fsdp).
-    "data_parallel": dict(_NONE),
+    "data_parallel": {**_NONE, **_BATCH},
     # ZeRO-3 style: one dimension of every large parameter split over fsdp.
-    "fsdp": {**_NONE, "embed": "fsdp", "conv_out": "fsdp", "vocab": "fsdp"},
+    "fsdp": {**_NONE, **_BATCH, "embed": "fsdp", "conv_out": "fsdp", "vocab": "fsdp"},
     # FSDP plus Megatron-style tensor parallelism on the hidden dimensions.
-    "fsdp_tensor": {**_NONE, "embed": "fsdp", "mlp": "tensor", "heads": "tensor",
+    "fsdp_tensor": {**_NONE, **_BATCH, "embed": "fsdp", "mlp": "tensor", "heads": "tensor",
                     "conv_in": "fsdp", "conv_out": "tensor", "vocab": "tensor"},
 }
 
 
 def resolve_rules(rules) -> dict:
-  """A preset name or a mapping -> {role: mesh axis, tuple of axes, or None}."""
+  """A preset name, or a mapping {preset: NAME (optional), role: axes, ...} -> the table.
+
+  A mapping starts from its preset and overrides single roles, so `rules.embed=null` on
+  the command line changes one rule of a preset. Without a preset the mapping must name
+  every role the model uses (the parameter check says which one is missing).
+  """
   if isinstance(rules, str):
-    if rules not in PRESETS:
-      raise UserError(f"unknown rules preset '{rules}'; accepted: {', '.join(PRESETS)}")
-    return dict(PRESETS[rules])
-  table = {}
+    rules = {"preset": rules}
+  rules = dict(rules)
+  preset = rules.pop("preset", None)
+  if preset is not None and preset not in PRESETS:
+    raise UserError(f"unknown rules preset '{preset}'; accepted: {', '.join(PRESETS)}")
+  table = dict(PRESETS[preset]) if preset else dict(_BATCH)
   for role, axes in rules.items():
+    if role not in ROLES:
+      raise UserError(f"rules.{role}: unknown role '{role}'; roles: {', '.join(ROLES)} "
+                      "(and 'preset')")
     if isinstance(axes, list):
       axes = tuple(axes)
     for axis in (axes if isinstance(axes, tuple) else (axes,)):
@@ -84,11 +97,19 @@ def mesh_spec(path: str, shape, logical: P, rules: dict, mesh: Mesh) -> P:
   return P(*out)
 
 
-def param_shardings(abstract_params, logical_specs, rules: dict, mesh: Mesh, prefix=""):
-  """NamedShardings for a tree of parameters, from their logical specs."""
-  specs = jax.tree_util.tree_map_with_path(
-      lambda path, x, spec: mesh_spec(prefix + path_str(path), x.shape, spec, rules, mesh),
-      abstract_params, logical_specs)
+def param_shardings(abstract_params, logical_specs, rules: dict, mesh: Mesh, prefix="",
+                    replicate_unnamed=False):
+  """NamedShardings for a tree of arrays, from their logical specs.
+
+  A parameter must name a role (or None) for every dimension. Non-parameter state
+  (`replicate_unnamed`) may name none: an empty spec replicates it.
+  """
+  def one(path, x, spec):
+    if replicate_unnamed and len(spec) == 0:
+      return P()
+    return mesh_spec(prefix + path_str(path), x.shape, spec, rules, mesh)
+
+  specs = jax.tree_util.tree_map_with_path(one, abstract_params, logical_specs)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
 

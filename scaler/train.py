@@ -1,17 +1,17 @@
-"""The driver, in named stages: mesh, data, state, restore, loop, samples.
+"""The driver, in named stages: set up, restore or initialise, compile, loop, finish.
 
 The same function runs on one CPU, on N simulated devices (`--debug`) and on every host
-of a pod; nothing here branches on which.
+of a pod; nothing here branches on which. Every process runs every stage, including
+the computations of the last one (sampling over global arrays needs all of them);
+only process 0 writes files.
 """
 
-import collections
+import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import scaler
@@ -19,31 +19,90 @@ from scaler import config as config_lib
 from scaler import experiment as experiment_lib
 from scaler import mesh as mesh_lib
 from scaler import plots
-from scaler import progress
+from scaler import rng as rng_lib
 from scaler import state as state_lib
 from scaler.checkpoint import Checkpointer
 from scaler.data import BatchLoader, fingerprint, load_source, to_global
-from scaler.errors import UserError
-from scaler.metrics import MetricsWriter
+from scaler.loop import Loop, NonFiniteError, Preempted  # noqa: F401 - re-exported
+from scaler.sampling import draw_samples, sample_params  # noqa: F401 - re-exported
 from scaler.step import make_train_step
 
 log = logging.getLogger("scaler")
 
 
-class NonFiniteError(UserError):
-  """Training produced NaN or Inf; the message names the step and the first bad array.
+@dataclasses.dataclass
+class Run:
+  """What the stages share: the experiment, where it writes, and how batches arrive."""
+  exp: experiment_lib.Experiment
+  run_dir: Path
+  train_source: object
+  batch_sharding: jax.sharding.NamedSharding
+  rows: tuple[int, int]      # this process's rows of every global batch
 
-  A UserError: the cause is in the config (a learning rate, a schedule, the data) and a
-  restart would repeat it, so the CLI prints one line and the launcher does not retry.
-  """
+
+def setup(cfg: config_lib.Config, run_dir, devices=None) -> Run:
+  """Stage 1: data, mesh, family, shardings; every check that needs no compile."""
+  jax.config.update("jax_threefry_partitionable", True)  # numbers independent of the mesh
+  train_source = load_source(cfg.data, "train")
+  exp = experiment_lib.build(cfg, devices, spec=train_source.spec)
+  rows = mesh_lib.process_rows(exp.mesh, cfg.train.batch_size)
+  return Run(exp, Path(run_dir), train_source, mesh_lib.batch_sharding(exp.mesh), rows)
 
 
-def first_non_finite(tree) -> str | None:
-  """The path of the first array in `tree` holding NaN or Inf (host-side, for the error)."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(leaf))):
-      return jax.tree_util.keystr(path)
-  return None
+def open_checkpoints(run: Run) -> Checkpointer:
+  """Stage 2: the run's checkpoints, with the record that describes them."""
+  cfg = run.exp.cfg
+  record = {
+      "scaler_version": scaler.__version__,
+      "mesh": dict(run.exp.mesh.shape),
+      "process_count": jax.process_count(),
+      "data_fingerprint": fingerprint(run.train_source),
+  }
+  ckpt = Checkpointer(cfg.checkpoint.directory or str(run.run_dir / "checkpoints"),
+                      cfg.checkpoint, record)
+  if jax.process_index() == 0:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, run.run_dir / "config.yaml")
+  return ckpt
+
+
+def restore_or_init(run: Run, ckpt: Checkpointer, resume_from: int | None):
+  """Stage 3: the state, restored straight into its shardings or created sharded, and
+  the loader positioned at the state's step. Returns (state, loader, start step)."""
+  exp, tcfg = run.exp, run.exp.cfg.train
+  loader = BatchLoader(run.train_source, tcfg.batch_size, seed=tcfg.seed, rows=run.rows,
+                       prefetch=exp.cfg.data.prefetch)
+  if ckpt.latest_step() is not None or resume_from is not None:
+    state, data_state, start = ckpt.restore(experiment_lib.abstract_target(exp), resume_from)
+    loader.set_state(data_state)
+    log.info("resumed from step %d", start)
+    return state, loader, start
+  state, _ = state_lib.create(exp.family, exp.networks, exp.txs, exp.use_ema, exp.rules,
+                              exp.mesh, tcfg.seed)
+  return state, loader, 0
+
+
+def data_init(run: Run, state: state_lib.TrainState, batch) -> state_lib.TrainState:
+  """A fresh run's data-dependent initialisation (Glow's ActNorm), on the first global
+  batch: one jitted function over the mesh, so it is the same on any mesh and process
+  count. Optimizer state and EMA are made again from the new parameters."""
+  exp = run.exp
+  if exp.family.data_init is None:
+    return state
+
+  def init(state, batch):
+    # The key is made inside: a host-made key would be local to one process.
+    key = rng_lib.stream(exp.cfg.train.seed, "data_init")
+    nets = state_lib.merge(exp.networks, state.params, state.rest)
+    exp.family.data_init(nets, batch, key)
+    _, params, rest = state_lib.split(nets)
+    ema = {n: params[n] for n in state.ema}
+    return state.replace(params=params, rest=rest, ema=ema,
+                         opt_state={n: exp.txs[n].init(params[n]) for n in params})
+
+  _, shardings = experiment_lib.abstract_shardings(exp)
+  return jax.jit(init, in_shardings=(shardings, run.batch_sharding), out_shardings=shardings,
+                 donate_argnums=0)(state, batch)
 
 
 def compile_step(exp, state_shardings, batch_sharding):
@@ -51,10 +110,10 @@ def compile_step(exp, state_shardings, batch_sharding):
   step_fn = make_train_step(exp.family, exp.networks, exp.txs, exp.schedules,
                             exp.cfg.train.ema_decay, exp.cfg.train.micro_batches)
 
-  def train_step(state, batch, rng):
+  def train_step(state, batch, train_key):
     # One base key for the run; each step's randomness is folded in from its number,
     # so the random state is the step and resume is exact.
-    return step_fn(state, batch, jax.random.fold_in(rng, state["step"]))
+    return step_fn(state, batch, rng_lib.step_key(train_key, state.step))
 
   replicated = mesh_lib.replicated(exp.mesh)
   return jax.jit(
@@ -64,12 +123,17 @@ def compile_step(exp, state_shardings, batch_sharding):
       donate_argnums=(0,))
 
 
-def flops_per_step(compiled) -> float:
-  """FLOPs of one step from XLA's cost analysis (all devices together)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
+def finish(run: Run, state, last: dict) -> None:
+  """Stage 6: samples, curves and final metrics. Every process samples; process 0 writes."""
+  exp, tcfg = run.exp, run.exp.cfg.train
+  samples = draw_samples(exp, state, tcfg.num_samples, seed=0)
+  if jax.process_index() != 0:
+    return
+  test = load_source(exp.cfg.data, "test")
+  plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(test.x[:len(samples)]),
+                run.run_dir / "samples.png", kind=exp.spec.kind)
+  plots.curves(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
+  (run.run_dir / "final_metrics.json").write_text(json.dumps(last, indent=1))
 
 
 def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = None,
@@ -80,133 +144,25 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
   `stop_at` ends this run early at that step, with a save, as a preemption would; the
   schedule still runs to `train.steps`, so a later run resumes it exactly.
   """
-  jax.config.update("jax_threefry_partitionable", True)  # numbers independent of the mesh
-  run_dir = Path(run_dir)
-  tcfg = cfg.train
-
-  # Stage 1: mesh and data (every check that needs no compile comes first).
-  train_source = load_source(cfg.data, "train")
-  exp = experiment_lib.build(cfg, devices, train_source=train_source)
-  abstract, shardings = experiment_lib.abstract_shardings(exp)
-  batch_sharding = mesh_lib.batch_sharding(exp.mesh)
-
-  # Stage 2: checkpoints; resume when the run directory holds any.
-  ckpt_dir = cfg.checkpoint.directory or str(run_dir / "checkpoints")
-  record = {
-      "scaler_version": scaler.__version__,
-      "mesh": dict(exp.mesh.shape),
-      "process_count": jax.process_count(),
-      "data_fingerprint": fingerprint(train_source),
-  }
-  ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, record)
-  if jax.process_index() == 0:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, run_dir / "config.yaml")
-
-  # Stage 3: state, created sharded or restored straight into its shardings.
-  start = 0
-  if ckpt.latest_step() is not None or resume_from is not None:
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state, data_state, start = ckpt.restore(target, resume_from)
-    log.info("resumed from step %d", start)
-  else:
-    state, _ = state_lib.create(exp.family, exp.txs, tcfg.ema_decay > 0, exp.networks,
-                                exp.rules, exp.mesh, tcfg.seed)
-    data_state = None
-  loader = BatchLoader(train_source, tcfg.batch_size, seed=tcfg.seed,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       prefetch=cfg.data.prefetch)
-  if data_state is not None:
-    loader.set_state(data_state)
-  batches = iter(loader)
-
-  # Stage 4: compile once; FLOPs come from the compiled step.
-  step_fn = compile_step(exp, shardings, batch_sharding)
-  # Made by a jitted function: a global array on the mesh, also across processes (a
-  # device_put of a host value cannot target devices of other processes).
-  rng = jax.jit(lambda: jax.random.key(tcfg.seed),
-                out_shardings=mesh_lib.replicated(exp.mesh))()
-  batch = to_global(next(batches), batch_sharding)
-  compiled = step_fn.lower(state, batch, rng).compile()
-  flops = flops_per_step(compiled)
-
-  # Stage 5: the loop. Steps are dispatched ahead, at most `max_in_flight` unawaited.
-  check_every = check_finite_every or tcfg.check_finite_every or tcfg.log_every
-  writer = MetricsWriter(run_dir, tcfg.steps, start)
-  in_flight = collections.deque()
-  last = {}
-  t0, t0_step = time.perf_counter(), start
-  end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
+  run = setup(cfg, run_dir, devices)
+  ckpt = open_checkpoints(run)
   try:
-    for step in range(start, end):
-      if step > start:
-        batch = to_global(next(batches), batch_sharding)
-      state, metrics = compiled(state, batch, rng)
-      in_flight.append(metrics)
-      if len(in_flight) > tcfg.max_in_flight:
-        jax.block_until_ready(in_flight.popleft())
-      done = step + 1
-      if done % check_every == 0 or done % tcfg.log_every == 0 or done == end:
-        values = jax.device_get(metrics)
-        if not values.pop("finite"):
-          bad = first_non_finite(state) or "a loss or gradient"
-          raise NonFiniteError(f"non-finite values at step {done}: first in state{bad}; "
-                               "lower optimizer.lr or set optimizer.clip_norm")
-        if done % tcfg.log_every == 0 or done == end:
-          elapsed = time.perf_counter() - t0
-          rate = (done - t0_step) / max(elapsed, 1e-9)
-          values.update(steps_per_sec=rate, examples_per_sec=rate * tcfg.batch_size,
-                        flops_per_sec=rate * flops)
-          writer.write(done, values)
-          last = {"step": done, **{k: float(v) for k, v in values.items()}}
-          t0, t0_step = time.perf_counter(), done
-      writer.advance(1)
-      progress.beat(done)
-      ckpt.save(done, state, {**loader.get_state(), "step": done},
-                force=done == end)
-      if ckpt.reached_preemption(done):
-        ckpt.save(done, state, {**loader.get_state(), "step": done}, force=True)
-        ckpt.wait()
-        raise Preempted(done)
-    ckpt.wait()
+    state, loader, start = restore_or_init(run, ckpt, resume_from)
+    batches = iter(loader)
+    first = to_global(next(batches), run.batch_sharding)
+    if start == 0:
+      state = data_init(run, state, first)
+    _, shardings = experiment_lib.abstract_shardings(run.exp)
+    train_key = jax.jit(lambda: rng_lib.stream(cfg.train.seed, "train"),
+                        out_shardings=mesh_lib.replicated(run.exp.mesh))()
+    compiled = compile_step(run.exp, shardings, run.batch_sharding).lower(
+        state, first, train_key).compile()
+    end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+    loop = Loop(run, ckpt, compiled, loader, train_key,
+                check_every=check_finite_every or cfg.train.check_finite_every)
+    state, last = loop.run(state, first, batches, start, end)
   finally:
-    writer.close()
     ckpt.close()
-
-  # Stage 6: what people would rather look at.
-  if jax.process_index() == 0 and end == tcfg.steps:
-    samples = draw_samples(exp, state, tcfg.num_samples, tcfg.seed)
-    test = load_source(cfg.data, "test")
-    plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(test.x[:len(samples)]),
-                  run_dir / "samples.png", kind=exp.spec.kind)
-    plots.curves(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=1))
+  if end == cfg.train.steps:
+    finish(run, state, last)
   return last
-
-
-class Preempted(Exception):
-  """Stopped on a preemption signal after a committed save; the run is resumable."""
-
-  def __init__(self, step):
-    super().__init__(f"preempted at step {step}; checkpoint committed, resume to continue")
-    self.step = step
-
-
-def sample_params(state):
-  """EMA weights when the run keeps an EMA, else the trained ones."""
-  return state["ema"] or state["params"]
-
-
-def draw_samples(exp, state, num: int, seed: int) -> np.ndarray:
-  """`num` samples in model space, gathered to the host."""
-  from jax.experimental import multihost_utils
-
-  @jax.jit
-  def sample(params, rest):
-    # The key is made inside: a host-made key would be local to one process.
-    rng = jax.random.key(seed + 1)
-    return exp.family.sample(state_lib.merge(exp.networks, params, rest), rng, num)
-
-  out = sample(sample_params(state), state["rest"])
-  return np.asarray(multihost_utils.process_allgather(out, tiled=True))

@@ -23,7 +23,11 @@ from scaler import mesh as mesh_lib
 from scaler import partitioning
 from scaler.errors import UserError
 from scaler.families import FAMILIES, schedules
-from scaler.families.diffusion import DiffusionConfig, DiffusionFamily, q_sample
+from scaler.config import Named
+from scaler.data import DataSpec
+from scaler.families.diffusion import (AncestralConfig, DDIMConfig, DiffusionConfig,
+                                       DiffusionFamily, ddim_timesteps, q_sample)
+from scaler.nn.layers import FLOAT32
 from scaler.nn.mlp import MLPDenoiser, MLPDenoiserConfig
 from scaler.nn.registry import NETWORKS
 from scaler.nn.unet import UNet, UNetConfig
@@ -41,8 +45,16 @@ def gaussian_oracle(schedule, mu, sigma):
   return eps
 
 
-def family(data_shape=(2,), net=(MLPDenoiserConfig, MLPDenoiser), net_cfg=TINY_MLP, **cfg):
-  return DiffusionFamily(DiffusionConfig(**cfg), net[1], net_cfg, data_shape)
+def spec(data_shape):
+  return DataSpec(tuple(data_shape), "image" if len(data_shape) == 3 else "vector", 0.0, 1.0)
+
+
+def family(data_shape=(2,), net=(MLPDenoiserConfig, MLPDenoiser), net_cfg=TINY_MLP,
+           sampler="ddim", sample_steps=100, eta=0.0, **cfg):
+  sampler = (Named("ddim", DDIMConfig(steps=sample_steps, eta=eta)) if sampler == "ddim"
+             else Named("ancestral", AncestralConfig()))
+  return DiffusionFamily(DiffusionConfig(sampler=sampler, **cfg), net[1], net_cfg,
+                         spec(data_shape), FLOAT32)
 
 
 # --- schedules -----------------------------------------------------------------------
@@ -119,7 +131,7 @@ NET_CASES = [
 
 @pytest.mark.parametrize("name, cfg, shape", NET_CASES)
 def test_every_parameter_names_a_role_per_dimension(name, cfg, shape):
-  model = nnx.eval_shape(lambda: NETWORKS[name][1](cfg, shape, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: NETWORKS[name][1](cfg, shape, precision=FLOAT32, rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
   specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
   values = nnx.to_pure_dict(params)
@@ -142,7 +154,7 @@ def test_every_parameter_names_a_role_per_dimension(name, cfg, shape):
 def test_networks_predict_noise_of_the_input_shape(name, cfg, shape):
   # Constant parameters on the abstract network: compiling the random init of every
   # shape costs seconds, and the shapes do not depend on it.
-  abstract = nnx.eval_shape(lambda: NETWORKS[name][1](cfg, shape, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: NETWORKS[name][1](cfg, shape, precision=FLOAT32, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   state = jax.tree.map(lambda a: jnp.full(a.shape, 0.02, a.dtype), state)
   x = jax.random.normal(jax.random.key(0), (3, *shape))
@@ -155,8 +167,8 @@ def test_default_parameter_counts():
   def count(make):
     params = nnx.state(nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0))), nnx.Param)
     return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-  mlp = count(lambda rngs: MLPDenoiser(MLPDenoiserConfig(), (2,), rngs=rngs))
-  unet = count(lambda rngs: UNet(UNetConfig(), (8, 8, 1), rngs=rngs))
+  mlp = count(lambda rngs: MLPDenoiser(MLPDenoiserConfig(), (2,), precision=FLOAT32, rngs=rngs))
+  unet = count(lambda rngs: UNet(UNetConfig(), (8, 8, 1), precision=FLOAT32, rngs=rngs))
   assert (mlp, unet) == (452_162, 377_761), (
       f"default sizes changed: mlp_denoiser {mlp:,}, unet {unet:,}; update the golden numbers "
       "if the architecture change is intended")
@@ -169,7 +181,7 @@ def test_default_parameter_counts():
 ])
 def test_unet_refuses_shapes_it_cannot_take(cfg, shape, words):
   with pytest.raises(UserError) as e:
-    UNet(cfg, shape, rngs=nnx.Rngs(0))
+    UNet(cfg, shape, precision=FLOAT32, rngs=nnx.Rngs(0))
   for w in words:
     assert w in str(e.value)
 
@@ -179,14 +191,15 @@ def test_unet_refuses_shapes_it_cannot_take(cfg, shape, words):
 
 def test_registries_build_the_family():
   cfg_cls, fam_cls = FAMILIES["diffusion"]
-  fam = fam_cls(cfg_cls(), NETWORKS["unet"][1], UNetConfig(), (8, 8, 1))
+  fam = fam_cls(cfg_cls(), NETWORKS["unet"][1], UNetConfig(), spec((8, 8, 1)), FLOAT32)
   nets = nnx.eval_shape(lambda: fam.init(nnx.Rngs(0)))
   assert list(nets) == ["denoiser"] and isinstance(nets["denoiser"], UNet)
   assert fam.init_extra(jax.random.key(0)) is None
   (update,) = fam.updates
   assert update.name == "denoiser" and update.networks == ("denoiser",)
-  assert fam.clip and not family((2,)).clip        # images are clipped, vectors are not
-  assert not family((8, 8, 1), clip_denoised=False).clip
+  assert fam.clip == 1.0 and family((2,)).clip is None  # images are clipped, vectors not
+  assert family((8, 8, 1), clip="none").clip is None
+  assert family((2,), clip=3.0).clip == 3.0
 
 
 def two_moons(n, seed=0):
@@ -206,7 +219,7 @@ def test_loss_falls_when_a_tiny_mlp_trains_on_two_moons():
   tx = optax.adam(3e-3)
 
   def loss_fn(params, batch, rng):
-    out = fam.loss({"denoiser": nnx.merge(graphdef, params, rest)}, None, batch, rng)
+    out = fam.loss({"denoiser": nnx.merge(graphdef, params, rest)}, None, batch, rng, 0)
     return out.loss, out.metrics
 
   @jax.jit
@@ -236,7 +249,7 @@ def test_loss_noise_does_not_depend_on_the_batch_sharding():
   mesh = mesh_lib.make_mesh(config_lib.MeshConfig(data=-1))
   graphdef, state = nnx.split(model)
   loss = jax.jit(lambda s, x: fam.loss({"denoiser": nnx.merge(graphdef, s)}, None, {"x": x},
-                                       jax.random.key(7)).loss)
+                                       jax.random.key(7), 0).loss)
   whole = loss(state, x)
   sharded = loss(state, jax.device_put(x, NamedSharding(mesh, P(mesh_lib.BATCH_AXES))))
   np.testing.assert_allclose(float(whole), float(sharded), rtol=1e-6)
@@ -276,7 +289,7 @@ def test_ddim_over_all_steps_with_eta_1_is_ancestral_sampling(clip):
   # DDPM posterior mean; both samplers key step t's noise by t, so the paths coincide.
   # mu = 0.9 puts many predicted x_0 outside [-1, 1]: with clip, eps is re-derived.
   fam = family(num_timesteps=100, schedule="linear", sample_steps=100, eta=1.0,
-               clip_denoised=clip)
+               clip=1.0 if clip else "none")
   oracle = gaussian_oracle(fam.schedule, 0.9, 0.5)
   x_T = jax.random.normal(jax.random.key(0), (256, 2))
   rng = jax.random.key(3)
@@ -297,10 +310,15 @@ def test_image_samples_have_the_data_shape_and_range():
 @pytest.mark.parametrize("cfg, words", [
     ({"schedule": "sigmoid"}, ["family.schedule", "'sigmoid'", "cosine", "linear"]),
     ({"sampler": "euler"}, ["family.sampler", "'euler'", "ancestral", "ddim"]),
-    ({"num_timesteps": 50}, ["family.sample_steps", "100", "50"]),
-    ({"sample_steps": 0}, ["family.sample_steps", "0"]),
+    ({"num_timesteps": 50}, ["family.sampler.steps", "100", "50"]),
+    ({"sampler": {"name": "ddim", "steps": 0}}, ["family.sampler.steps", "0"]),
     ({"num_timesteps": 0, "sampler": "ancestral"}, ["family.num_timesteps", "0"]),
-    ({"eta": 1.5}, ["family.eta", "1.5", "0", "1"]),
+    ({"sampler": {"name": "ddim", "eta": 1.5}}, ["family.sampler.eta", "1.5", "[0, 1]"]),
+    # Keys a choice would ignore are unknown keys, not silent no-ops.
+    ({"sampler": {"name": "ancestral", "steps": 10}}, ["family.sampler.steps", "accepts"]),
+    ({"sampler": {"name": "ancestral", "eta": 1.0}}, ["family.sampler.eta"]),
+    ({"clip": -1.0}, ["family.clip", "-1.0", "auto"]),
+    ({"clip_range": 3.0}, ["family.clip_range", "clip"]),
 ])
 def test_bad_config_values_name_the_field(cfg, words):
   with pytest.raises(UserError) as e:
@@ -309,6 +327,16 @@ def test_bad_config_values_name_the_field(cfg, words):
     assert w in str(e.value), (w, str(e.value))
 
 
-def test_ancestral_ignores_sample_steps():
-  # sample_steps only matters to DDIM: a long default must not block a short ancestral run.
-  assert DiffusionConfig(num_timesteps=50, sampler="ancestral").sample_steps == 100
+def test_ancestral_takes_no_step_count():
+  # The step count belongs to DDIM: a short ancestral run is not blocked by its default.
+  cfg = config_lib.build(DiffusionConfig, {"num_timesteps": 50, "sampler": "ancestral"}, "family")
+  assert cfg.sampler.name == "ancestral"
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10, 100, 333, 501, 999, 1000])
+def test_ddim_starts_within_one_stride_of_the_last_timestep(steps):
+  ts = ddim_timesteps(1000, steps)
+  assert len(ts) == steps and ts[0] == 0 and np.all(np.diff(ts) > 0)
+  # Sampling starts from pure noise, so its first timestep must be near T-1: with an
+  # integer stride, 501 steps started at t=500 (abar 0.49).
+  assert ts[-1] >= 1000 - math.ceil(1000 / steps), ts[-1]

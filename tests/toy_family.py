@@ -4,21 +4,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaler.families.base import LossOut, Update
+from scaler.families.base import FamilyDefaults, LossOut, Update
 from scaler.nn import layers
+from scaler.nn.layers import FLOAT32
 
 
 class Net(nnx.Module):
   def __init__(self, rngs, hidden=64, in_role=None):
-    self.a = layers.dense(2, hidden, in_role, "embed", rngs=rngs)
-    self.b = layers.dense(hidden, hidden, "embed", "mlp", rngs=rngs)
-    self.c = layers.dense(hidden, 2, "mlp", None, rngs=rngs)
+    kw = dict(precision=FLOAT32, rngs=rngs)
+    self.a = layers.dense(2, hidden, in_role, "embed", **kw)
+    self.b = layers.dense(hidden, hidden, "embed", "mlp", **kw)
+    self.c = layers.dense(hidden, 2, "mlp", None, **kw)
 
   def __call__(self, x):
     return self.c(jax.nn.silu(self.b(jax.nn.silu(self.a(x)))))
 
 
-class DenoiseFamily:
+class DenoiseFamily(FamilyDefaults):
   """Denoises x + noise; `noisy=False` makes the loss a pure function of the batch."""
 
   def __init__(self, noisy=True, hidden=64, in_role=None):
@@ -27,20 +29,17 @@ class DenoiseFamily:
   def init(self, rngs):
     return {"net": Net(rngs, self.hidden, self.in_role)}
 
-  def init_extra(self, rng):
-    return None
-
   @property
   def updates(self):
     return (Update("net", ("net",), self.loss),)
 
-  def loss(self, nets, extra, batch, rng):
+  def loss(self, nets, extra, batch, rng, step):
     x = batch["x"]
     noise = jax.random.normal(rng, x.shape) if self.noisy else jnp.zeros_like(x)
     err = jnp.mean((nets["net"](x + 0.1 * noise) - x) ** 2)
     return LossOut(err, {"mse": err})
 
-  def sample(self, nets, rng, num):
+  def sample(self, nets, rng, num, **kw):
     return nets["net"](jax.random.normal(rng, (num, 2)))
 
 
@@ -57,10 +56,10 @@ class TwoNetFamily(DenoiseFamily):
   def updates(self):
     return (Update("d", ("d",), self.d_loss), Update("g", ("g",), self.g_loss))
 
-  def d_loss(self, nets, extra, batch, rng):
+  def d_loss(self, nets, extra, batch, rng, step):
     err = jnp.mean((nets["d"](batch["x"]) - batch["x"]) ** 2)
     return LossOut(err, {}, {"count": extra["count"] + 1})
 
-  def g_loss(self, nets, extra, batch, rng):
+  def g_loss(self, nets, extra, batch, rng, step):
     err = jnp.mean((nets["d"](nets["g"](batch["x"])) - batch["x"]) ** 2)
     return LossOut(err, {"d_calls": extra["count"].astype(jnp.float32)})

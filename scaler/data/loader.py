@@ -17,17 +17,16 @@ from scaler.errors import UserError
 
 
 class BatchLoader:
-  def __init__(self, source, global_batch_size: int, *, seed: int, process_index: int = 0,
-               process_count: int = 1, prefetch: int = 2):
+  def __init__(self, source, global_batch_size: int, *, seed: int, rows=None,
+               prefetch: int = 2):
+    """`rows`: the [lo, hi) rows of each global batch this process loads (default all;
+    see `scaler.mesh.process_rows`)."""
     if global_batch_size < 1:
       raise UserError(f"train.batch_size={global_batch_size}: needs at least 1")
-    if global_batch_size % process_count:
-      raise UserError(f"train.batch_size={global_batch_size} is not divisible by the "
-                      f"{process_count} processes; use a multiple of {process_count}")
     self.source, self.seed = source, seed
     self.global_batch = global_batch_size
-    self.local_batch = global_batch_size // process_count
-    self.lo = process_index * self.local_batch
+    self.lo, hi = rows if rows is not None else (0, global_batch_size)
+    self.local_batch = hi - self.lo
     self.prefetch = prefetch
     self.step = 0  # the next step whose batch is handed out
 

@@ -8,7 +8,7 @@ import numpy as np
 from scaler.data import digits as digits_lib
 from scaler.data import files
 from scaler.data import toy
-from scaler.data.config import DataConfig
+from scaler.config import Named
 from scaler.errors import UserError
 
 SOURCES = (*toy.TOYS, "digits", "npy", "npz", "image_folder")
@@ -25,6 +25,7 @@ class DataSpec:
   kind: str              # "vector" | "image"
   shift: np.ndarray
   scale: np.ndarray
+  num_classes: int = 0   # labels 0..num_classes-1 in the batch's "label"; 0: unlabelled
 
   def normalize(self, x):
     return (x - self.shift) / self.scale
@@ -40,17 +41,18 @@ class Source:
   label: np.ndarray | None = None
 
 
-def _raw(cfg: DataConfig, split: str):
-  if cfg.source in toy.TOYS:
+def _raw(data: Named, split: str):
+  source, cfg = data.name, data.cfg
+  if source in toy.TOYS:
     n = cfg.num_train if split == "train" else cfg.num_test
     if n < 1:
       raise UserError(f"data.num_{split}={n}: needs at least 1 example")
-    return toy.generate(cfg.source, n, cfg.seed, split, cfg.noise), None
-  if cfg.source == "digits":
+    return toy.generate(source, n, cfg.seed, split, cfg.noise), None
+  if source == "digits":
     return digits_lib.digits(split)
-  if cfg.source == "npy":
+  if source == "npy":
     x = files.load_npy(cfg.path)
-  elif cfg.source == "npz":
+  elif source == "npz":
     x = files.load_npz(cfg.path, cfg.key)
   else:
     x = files.load_image_folder(cfg.path, cfg.image_size, cfg.grayscale)
@@ -61,26 +63,32 @@ def _raw(cfg: DataConfig, split: str):
   return files.split(x.astype(np.float32), split, cfg.seed), None
 
 
-def _spec(x_train: np.ndarray) -> DataSpec:
+def _spec(x_train: np.ndarray, label_train) -> DataSpec:
   shape = tuple(x_train.shape[1:])
+  num_classes = 0 if label_train is None else int(label_train.max()) + 1
   if len(shape) == 3:  # (H, W, C) images
     lo, hi = float(x_train.min()), float(x_train.max())
     return DataSpec(shape, "image", np.float32((lo + hi) / 2),
-                    np.float32(max((hi - lo) / 2, 1e-6)))
+                    np.float32(max((hi - lo) / 2, 1e-6)), num_classes)
   mean = x_train.mean(axis=0).astype(np.float32)
   std = np.maximum(x_train.std(axis=0), 1e-6).astype(np.float32)
-  return DataSpec(shape, "vector", mean, std)
+  return DataSpec(shape, "vector", mean, std, num_classes)
 
 
-def load_source(cfg: DataConfig, split: str) -> Source:
+def load_source(cfg: Named, split: str) -> Source:
   """The `split` ("train" or "test") of the configured source, normalised."""
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  if cfg.source not in SOURCES:
-    raise UserError(f"unknown data.source '{cfg.source}'; accepted: {', '.join(SOURCES)}")
+  if cfg.name not in SOURCES:
+    raise UserError(f"unknown data.source '{cfg.name}'; accepted: {', '.join(SOURCES)}")
   x, label = _raw(cfg, split)
-  spec = _spec(x if split == "train" else _raw(cfg, "train")[0])
+  spec = _spec(*((x, label) if split == "train" else _raw(cfg, "train")))
   return Source(np.ascontiguousarray(spec.normalize(x), np.float32), spec, label)
+
+
+def load_spec(cfg: Named) -> DataSpec:
+  """The training split's spec: shape, kind, normalisation, classes."""
+  return load_source(cfg, "train").spec
 
 
 def fingerprint(source: Source) -> str:

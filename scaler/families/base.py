@@ -1,9 +1,27 @@
 """What a family is: a small object the one train loop drives.
 
 A family builds its named networks (`init`), says which optimizer updates make one
-train step (`updates`: one for diffusion, two for a GAN), and draws samples. Each
-update's loss returns its auxiliary metrics explicitly, and may return new extra state
-(an EBM replay buffer); nothing travels through side channels.
+train step (`updates`: one for diffusion, a critic and a generator update for a GAN),
+and draws samples. Each update's loss returns its auxiliary metrics explicitly, and may
+return new extra state (an EBM replay buffer); nothing travels through side channels.
+
+Everything else is optional, with the defaults of `FamilyDefaults`:
+
+  init_extra(rng)          extra state carried in the train state (None: none)
+  extra_roles()            the roles of its dimensions, like a parameter's: a pytree of
+                           tuples matching init_extra's arrays (a `batch` role shards a
+                           replay buffer along the data axes); None replicates it
+  sampled_networks         the networks `sample` uses; the EMA covers these only
+  data_init(nets, batch, rng)   initialises modules from the first global batch of a
+                           fresh run (Glow's ActNorm), once, identically on any mesh;
+                           the result is saved, so a resume never repeats it
+  evaluate(nets, extra, batch, rng) -> {name: per-example values (B,)}: held-out
+                           metrics that `scaler/evaluate.py` averages over a split
+
+The loss sees the global step (a KL warm-up, a critic schedule), and the batch carries
+`label` (int32, (B,)) when the data has classes; `spec.num_classes` says how many.
+Modules' non-parameter state (BatchNorm statistics, a Dropout's RNG count, a VQ
+codebook) is written back after every update: mutate it in the loss as NNX modules do.
 """
 
 from typing import Any, Callable, NamedTuple, Protocol
@@ -18,16 +36,24 @@ class LossOut(NamedTuple):
   extra: Any = None                     # new extra state, or None to keep it
 
 
-# loss(nets, extra, batch, rng) -> LossOut. `nets` maps network names to live NNX
-# modules; only the networks of the update receive gradients.
-LossFn = Callable[[dict[str, nnx.Module], Any, dict[str, jax.Array], jax.Array], LossOut]
+# loss(nets, extra, batch, rng, step) -> LossOut. `nets` maps network names to live NNX
+# modules; only the networks of the update receive gradients; `step` is the global
+# train step (int32 scalar), the same for every update and micro-batch of a step.
+LossFn = Callable[[dict[str, nnx.Module], Any, dict[str, jax.Array], jax.Array, jax.Array],
+                  LossOut]
 
 
 class Update(NamedTuple):
-  """One optimizer update inside a train step, applied in the family's order."""
+  """One optimizer update inside a train step, applied in the family's order.
+
+  `repeat` > 1 applies it that many times in a row (a WGAN critic's n_critic), each on
+  its own 1/repeat slice of the global batch; the networks' optimizers and learning
+  rate schedules count every application.
+  """
   name: str
   networks: tuple[str, ...]   # the networks this loss moves
   loss: LossFn
+  repeat: int = 1
 
 
 class Family(Protocol):
@@ -36,12 +62,26 @@ class Family(Protocol):
   def init(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
     """Builds the named networks (abstractly under jax.eval_shape, then sharded)."""
 
-  def init_extra(self, rng: jax.Array) -> Any:
-    """Extra non-trained state carried in the train state (None if the family has none)."""
-
   @property
   def updates(self) -> tuple[Update, ...]:
     """The optimizer updates of one train step, in order."""
 
-  def sample(self, nets: dict[str, nnx.Module], rng: jax.Array, num: int) -> jax.Array:
+  def sample(self, nets: dict[str, nnx.Module], rng: jax.Array, num: int, **kw) -> jax.Array:
     """`num` samples in model space, shape `(num, *data_shape)`."""
+
+
+class FamilyDefaults:
+  """The optional part of the protocol, as a family that has none of it."""
+
+  def init_extra(self, rng):
+    return None
+
+  def extra_roles(self):
+    return None
+
+  @property
+  def sampled_networks(self) -> tuple[str, ...] | None:
+    return None  # all of them
+
+  data_init = None      # or a method (nets, batch, rng) -> None, mutating the modules
+  evaluate = None       # or a method (nets, extra, batch, rng) -> {name: (B,) values}

@@ -2,7 +2,7 @@
 
 Training (Ho et al. 2020): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1},
 loss |eps - net(x_t, t)|^2. Sampling runs the reverse process from x ~ N(0, I):
-`ancestral` takes all T stochastic steps; `ddim` (Song et al. 2021) takes `sample_steps`
+`ancestral` takes all T stochastic steps; `ddim` (Song et al. 2021) takes `sampler.steps`
 steps with noise scale `eta`: 0 is deterministic, 1 over all T steps is ancestral again.
 """
 
@@ -12,42 +12,46 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scaler.config import Named, choice, one_of, param, positive, unit
 from scaler.errors import UserError
 from scaler.families import schedules
-from scaler.families.base import LossOut, Update
+from scaler.families.base import FamilyDefaults, LossOut, Update
 
-SAMPLERS = ("ancestral", "ddim")
+@dataclasses.dataclass(frozen=True)
+class AncestralConfig:
+  """All T stochastic reverse steps (Ho et al.); nothing to set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMConfig:
+  steps: int = param(100, positive)   # reverse steps, at most num_timesteps
+  eta: float = param(0.0, unit)       # noise: 0 deterministic, 1 as ancestral
+
+
+SAMPLERS = {"ancestral": AncestralConfig, "ddim": DDIMConfig}
+
+
+def _clip(x):
+  if x in (None, "none", "auto"):
+    return None
+  return None if isinstance(x, (int, float)) and x > 0 else (
+      "must be auto, none, or a positive bound on the predicted x_0")
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
-  num_timesteps: int = 1000
-  schedule: str = "cosine"            # cosine | linear
-  sampler: str = "ddim"               # ddim | ancestral
-  sample_steps: int = 100             # DDIM steps, at most num_timesteps
-  eta: float = 0.0                    # DDIM noise: 0 deterministic, 1 as ancestral
-  clip_denoised: bool | None = None   # clip predicted x_0 to [-clip_range, clip_range];
-                                      # None: images only (their range is [-1, 1])
-  clip_range: float = 1.0             # the bound; standardised vectors need ~3 or more
+  num_timesteps: int = param(1000, positive)
+  schedule: str = param("cosine", one_of(*schedules.SCHEDULES))
+  sampler: Named = choice(SAMPLERS, "ddim")
+  # Clip the predicted x_0 to [-clip, clip] while sampling. auto: 1.0 for images (their
+  # range is [-1, 1]), none for vectors (standardised vectors need ~3 or more).
+  clip: float | str | None = param("auto", _clip)
 
   def __post_init__(self):
-    self.validate()
-
-  def validate(self):
-    def bad(field, accepted):
-      raise UserError(f"family.{field}={getattr(self, field)!r} is not accepted: {accepted}")
-    if self.num_timesteps < 1:
-      bad("num_timesteps", "it must be a positive number of steps, e.g. 1000")
-    if self.schedule not in schedules.SCHEDULES:
-      bad("schedule", f"one of {', '.join(schedules.SCHEDULES)}")
-    if self.sampler not in SAMPLERS:
-      bad("sampler", f"one of {', '.join(SAMPLERS)}")
-    if self.sampler == "ddim" and not 1 <= self.sample_steps <= self.num_timesteps:
-      bad("sample_steps", f"DDIM takes 1 to num_timesteps ({self.num_timesteps}) steps")
-    if not 0.0 <= self.eta <= 1.0:
-      bad("eta", "a DDIM noise scale from 0 (deterministic) to 1 (ancestral)")
-    if not self.clip_range > 0:
-      bad("clip_range", "a positive bound on the predicted x_0, e.g. 1.0 for images")
+    if self.sampler.name == "ddim" and self.sampler.cfg.steps > self.num_timesteps:
+      raise UserError(f"family.sampler.steps={self.sampler.cfg.steps} is more than "
+                      f"family.num_timesteps={self.num_timesteps}: DDIM takes 1 to "
+                      f"{self.num_timesteps} steps")
 
 
 def q_sample(schedule: schedules.Schedule, x0, t_B, noise):
@@ -58,7 +62,11 @@ def q_sample(schedule: schedules.Schedule, x0, t_B, noise):
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
-  """`steps` evenly spaced timesteps 0, k, 2k, ... with k = T // steps ("leading" spacing).
+  """`steps` timesteps floor(i * T / steps), i = 0..steps-1 ("leading" spacing).
+
+  The stride is T / steps as a real number, so the first reverse step always starts
+  within one stride of the end (T=1000, 501 steps: at t=998). An integer stride
+  T // steps would start 501 steps at t=500, from pure noise at abar = 0.49.
 
   Why not end at T-1: under the cosine schedule abar_{T-1} is about 2e-9, and the x_0
   that DDIM infers there multiplies the denoiser's error by 1/sqrt(abar) ~ 2e4. Vector
@@ -66,44 +74,54 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
   sliced W1 196 with both ends, 0.026 with leading spacing). Song et al. and diffusers
   use this spacing too.
   """
-  return (np.arange(steps) * (num_timesteps // steps)).astype(np.int32)
+  return (np.arange(steps) * num_timesteps // steps).astype(np.int32)
 
 
 def _masked_mean(x_B, mask_B):
   return jnp.sum(jnp.where(mask_B, x_B, 0.0)) / jnp.maximum(jnp.sum(mask_B), 1)
 
 
-class DiffusionFamily:
+class DiffusionFamily(FamilyDefaults):
   """One network, "denoiser": net(x_t, t_B) -> the noise in x_t, same shape as x_t."""
 
-  def __init__(self, cfg: DiffusionConfig, net_cls, net_cfg, data_shape: tuple):
+  def __init__(self, cfg: DiffusionConfig, net_cls, net_cfg, spec, precision):
     self.cfg, self.net_cls, self.net_cfg = cfg, net_cls, net_cfg
-    self.data_shape = tuple(data_shape)
+    self.data_shape, self.precision = tuple(spec.shape), precision
     self.schedule = schedules.make(cfg.schedule, cfg.num_timesteps)
     # Images are normalised to [-1, 1], so a predicted x_0 outside it is plain error;
     # standardised vectors have no such bound and clipping them would cut the tails.
-    self.clip = len(self.data_shape) == 3 if cfg.clip_denoised is None else cfg.clip_denoised
-    self._reverse = {"ancestral": self.ancestral, "ddim": self.ddim}[cfg.sampler]
+    if cfg.clip == "auto":
+      self.clip = 1.0 if len(self.data_shape) == 3 else None
+    else:
+      self.clip = None if cfg.clip in (None, "none") else float(cfg.clip)
+    self._reverse = {"ancestral": self.ancestral, "ddim": self.ddim}[cfg.sampler.name]
 
   def init(self, rngs):
-    return {"denoiser": self.net_cls(self.net_cfg, self.data_shape, rngs=rngs)}
-
-  def init_extra(self, rng):
-    return None
+    return {"denoiser": self.net_cls(self.net_cfg, self.data_shape, precision=self.precision,
+                                     rngs=rngs)}
 
   @property
   def updates(self):
     return (Update("denoiser", ("denoiser",), self.loss),)
 
-  def loss(self, nets, extra, batch, rng):
-    x0 = batch["x"]
+  def _errors(self, net, x0, rng):
+    """Per-example eps-MSE at a random timestep, and the timesteps drawn."""
     t_rng, noise_rng = jax.random.split(rng)
     t_B = jax.random.randint(t_rng, x0.shape[:1], 0, self.cfg.num_timesteps)
     # Drawn for the whole (global) batch at once: with threefry_partitionable the numbers
     # are the same however the batch is sharded.
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    eps = nets["denoiser"](q_sample(self.schedule, x0, t_B, noise), t_B)
-    err_B = jnp.mean(jnp.square(eps - noise).reshape(x0.shape[0], -1), axis=1)
+    eps = net(q_sample(self.schedule, x0, t_B, noise), t_B)
+    return jnp.mean(jnp.square(eps - noise).reshape(x0.shape[0], -1), axis=1), t_B
+
+  def evaluate(self, nets, extra, batch, rng):
+    """Held-out eps-MSE per example (the training loss, without the gradient)."""
+    err_B, _ = self._errors(nets["denoiser"], batch["x"], rng)
+    return {"mse": err_B}
+
+  def loss(self, nets, extra, batch, rng, step):
+    x0 = batch["x"]
+    err_B, t_B = self._errors(nets["denoiser"], x0, rng)
     mse = jnp.mean(err_B)
     # eps-MSE is high at low noise (eps is a tiny residual of x_0) and low at high noise
     # (x_t is nearly eps); the split tells which end a plateau or a regression is at.
@@ -111,7 +129,7 @@ class DiffusionFamily:
     return LossOut(mse, {"mse": mse, "mse_low_noise": _masked_mean(err_B, low),
                          "mse_high_noise": _masked_mean(err_B, ~low)})
 
-  def sample(self, nets, rng, num):
+  def sample(self, nets, rng, num, **kw):
     """`num` samples in model space, (num, *data_shape), with the configured sampler."""
     init_rng, loop_rng = jax.random.split(rng)
     x = jax.random.normal(init_rng, (num, *self.data_shape))
@@ -121,9 +139,9 @@ class DiffusionFamily:
     """The x_0 that (x_t, eps) imply, clipped for images; and the eps that clipped x_0 implies."""
     s = self.schedule
     x0 = s.sqrt_recip_alphas_cumprod[t] * x - s.sqrt_recipm1_alphas_cumprod[t] * eps
-    if not self.clip:
+    if self.clip is None:
       return x0, eps
-    x0 = jnp.clip(x0, -self.cfg.clip_range, self.cfg.clip_range)
+    x0 = jnp.clip(x0, -self.clip, self.clip)
     return x0, (s.sqrt_recip_alphas_cumprod[t] * x - x0) / s.sqrt_recipm1_alphas_cumprod[t]
 
   def ancestral(self, net, x, rng):
@@ -142,19 +160,20 @@ class DiffusionFamily:
     return jax.lax.scan(step, x, ts)[0]
 
   def ddim(self, net, x, rng):
-    """From x = x_T, `sample_steps` DDIM steps (Song et al. eq. 12), noise scale `eta`."""
-    ts = ddim_timesteps(self.cfg.num_timesteps, self.cfg.sample_steps)
+    """From x = x_T, `steps` DDIM steps (Song et al. eq. 12), noise scale `eta`."""
+    eta = self.cfg.sampler.cfg.eta
+    ts = ddim_timesteps(self.cfg.num_timesteps, self.cfg.sampler.cfg.steps)
     abar = self.schedule.alphas_cumprod
     abar_prev = jnp.concatenate([jnp.ones((1,)), abar[ts[:-1]]])  # step 0 lands on x_0
     abar_t = abar[ts]
-    sigma = self.cfg.eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
     direction = jnp.sqrt(jnp.maximum(1 - abar_prev - sigma ** 2, 0.0))
 
     def step(x, xs):
       t, a_prev, sig, dirn = xs
       x0, eps = self._x0(x, t, net(x, jnp.full(x.shape[:1], t)))
       x = jnp.sqrt(a_prev) * x0 + dirn * eps
-      if self.cfg.eta > 0:  # eta = 0 draws nothing: the path is a function of x_T alone
+      if eta > 0:  # eta = 0 draws nothing: the path is a function of x_T alone
         x = x + sig * jax.random.normal(jax.random.fold_in(rng, t), x.shape, x.dtype)
       return x, None
 

@@ -1,44 +1,136 @@
-"""Layers that name the role of each parameter dimension.
+"""Layers that name the role of each parameter dimension and honour the precision policy.
 
 Roles are logical axis names (`embed`, `mlp`, `conv_in`, ...). The rule table in the
 config maps each role to mesh axes; see `scaler/partitioning.py`. Network code only
 ever names roles, so the same network runs data-parallel, FSDP or FSDP + tensor.
+
+Precision: every helper takes the run's `Precision` as a required keyword, so a network
+cannot forget it. Parameters (and so the optimizer state) are stored in
+`precision.params` (float32: master weights); matmuls and convolutions run in
+`precision.compute` (bfloat16 on accelerators). Normalisation statistics are computed in
+float32 by flax whatever the compute dtype. A network casts its inputs with
+`precision.cast` on entry and returns `precision.output(y)` (float32), so losses,
+softmaxes over outputs and reductions in the families are float32 without any cast there.
+
+Activation checkpointing: a network calls each block through `checkpointed(mode)`, where
+`mode` is its config's `remat`: "none" keeps every activation; "block" keeps only each
+block's inputs and recomputes the rest in the backward pass; "dots_saveable" keeps the
+outputs of matmuls without batch dimensions (recomputing elementwise work only).
 """
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 from flax import nnx
+
+REMAT = ("none", "block", "dots_saveable")
+_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  params: jnp.dtype = jnp.float32
+  compute: jnp.dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, cfg) -> "Precision":
+    return cls(jnp.dtype(cfg.params), jnp.dtype(cfg.compute))
+
+  def cast(self, x):
+    """A network's floating inputs, in the compute dtype."""
+    return x.astype(self.compute) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  def output(self, x):
+    """A network's output, in float32 for the family's loss."""
+    return x.astype(jnp.float32)
+
+
+FLOAT32 = Precision()
 
 
 def roles(*names):
-  """Metadata that tags a parameter with one role (or None) per dimension."""
+  """Metadata that tags a variable with one role (or None) per dimension."""
   return {"out_sharding": tuple(names)}
 
 
-def dense(in_features, out_features, in_role, out_role, *, rngs, use_bias=True, **kw):
+def dense(in_features, out_features, in_role, out_role, *, precision: Precision, rngs,
+          use_bias=True, **kw):
   """A Linear layer whose kernel is `(in_role, out_role)` and bias `(out_role,)`."""
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias, rngs=rngs,
+      dtype=precision.compute, param_dtype=precision.params,
       kernel_metadata=roles(in_role, out_role),
       bias_metadata=roles(out_role), **kw)
 
 
-def conv(in_features, out_features, kernel_size, *, rngs, in_role="conv_in",
-         out_role="conv_out", **kw):
+def conv(in_features, out_features, kernel_size, *, precision: Precision, rngs,
+         in_role="conv_in", out_role="conv_out", **kw):
   """A Conv layer whose kernel is `(..spatial.., in_role, out_role)`."""
   spatial = (None,) * len(kernel_size)
   return nnx.Conv(
       in_features, out_features, kernel_size, rngs=rngs,
+      dtype=precision.compute, param_dtype=precision.params,
       kernel_metadata=roles(*spatial, in_role, out_role),
       bias_metadata=roles(out_role), **kw)
 
 
-def group_norm(num_features, num_groups, *, rngs, role="conv_out"):
+def conv_transpose(in_features, out_features, kernel_size, *, precision: Precision, rngs,
+                   in_role="conv_in", out_role="conv_out", **kw):
+  """A ConvTranspose layer whose kernel is `(..spatial.., in_role, out_role)`."""
+  spatial = (None,) * len(kernel_size)
+  return nnx.ConvTranspose(
+      in_features, out_features, kernel_size, rngs=rngs,
+      dtype=precision.compute, param_dtype=precision.params,
+      kernel_metadata=roles(*spatial, in_role, out_role),
+      bias_metadata=roles(out_role), **kw)
+
+
+def embed(num_embeddings, features, num_role, feature_role, *, precision: Precision, rngs,
+          **kw):
+  """An embedding table `(num_role, feature_role)`: classes, tokens or positions."""
+  return nnx.Embed(
+      num_embeddings, features, rngs=rngs, dtype=precision.compute,
+      param_dtype=precision.params, embedding_metadata=roles(num_role, feature_role), **kw)
+
+
+def group_norm(num_features, num_groups, *, precision: Precision, rngs, role="conv_out",
+               **kw):
   """GroupNorm whose scale and bias are `(role,)`."""
   return nnx.GroupNorm(
       num_features, num_groups=num_groups, rngs=rngs,
-      scale_metadata=roles(role), bias_metadata=roles(role))
+      dtype=precision.compute, param_dtype=precision.params,
+      scale_metadata=roles(role), bias_metadata=roles(role), **kw)
 
 
-def layer_norm(num_features, *, rngs, role="embed"):
+def layer_norm(num_features, *, precision: Precision, rngs, role="embed", **kw):
   """LayerNorm whose scale and bias are `(role,)`."""
   return nnx.LayerNorm(
-      num_features, rngs=rngs, scale_metadata=roles(role), bias_metadata=roles(role))
+      num_features, rngs=rngs, dtype=precision.compute, param_dtype=precision.params,
+      scale_metadata=roles(role), bias_metadata=roles(role), **kw)
+
+
+def batch_norm(num_features, *, precision: Precision, rngs, role="conv_out", **kw):
+  """BatchNorm whose scale, bias and running statistics are `(role,)`.
+
+  The running mean and variance are non-parameter state: the train step writes them
+  back after every update and shards them by `role` like the scale they normalise.
+  """
+  bn = nnx.BatchNorm(
+      num_features, rngs=rngs, dtype=precision.compute, param_dtype=precision.params,
+      scale_metadata=roles(role), bias_metadata=roles(role), **kw)
+  bn.mean.set_metadata(**roles(role))
+  bn.var.set_metadata(**roles(role))
+  return bn
+
+
+def checkpointed(mode: str):
+  """`call(block, *args)`: calls `block(*args)` under the activation-checkpoint `mode`."""
+  if mode not in REMAT:
+    raise ValueError(f"remat mode {mode!r}; known: {REMAT}")
+  if mode == "none":
+    return lambda block, *args: block(*args)
+  return nnx.remat(lambda block, *args: block(*args), policy=_POLICIES[mode])

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaler.config import param, positive
 from scaler.nn import layers
+from scaler.nn.layers import Precision
 
 
 def timestep_embedding(t_B, dim: int, max_period=10_000.0):
@@ -28,20 +30,21 @@ def timestep_embedding(t_B, dim: int, max_period=10_000.0):
 
 @dataclasses.dataclass(frozen=True)
 class MLPDenoiserConfig:
-  hidden: int = 256      # width of the residual stream (embed)
-  depth: int = 3         # residual blocks
-  time_dim: int = 64     # sinusoidal time features
-  mlp_ratio: int = 1     # block width = mlp_ratio * hidden (mlp)
+  hidden: int = param(256, positive)   # width of the residual stream (embed)
+  depth: int = param(3, positive)      # residual blocks
+  time_dim: int = param(64, positive)  # sinusoidal time features
+  mlp_ratio: int = param(1, positive)  # block width = mlp_ratio * hidden (mlp)
 
 
 class Block(nnx.Module):
   """h + fc2(silu(fc1(silu(norm(h))) + time(temb))): pre-norm, time added in the middle."""
 
-  def __init__(self, hidden, width, time_dim, *, rngs):
-    self.norm = layers.layer_norm(hidden, rngs=rngs, role="embed")
-    self.fc1 = layers.dense(hidden, width, "embed", "mlp", rngs=rngs)
-    self.time = layers.dense(time_dim, width, "time", "mlp", rngs=rngs)
-    self.fc2 = layers.dense(width, hidden, "mlp", "embed", rngs=rngs)
+  def __init__(self, hidden, width, time_dim, *, precision: Precision, rngs):
+    kw = dict(precision=precision, rngs=rngs)
+    self.norm = layers.layer_norm(hidden, role="embed", **kw)
+    self.fc1 = layers.dense(hidden, width, "embed", "mlp", **kw)
+    self.time = layers.dense(time_dim, width, "time", "mlp", **kw)
+    self.fc2 = layers.dense(width, hidden, "mlp", "embed", **kw)
 
   def __call__(self, h_BxE, temb_BxT):
     u_BxM = self.fc1(jax.nn.silu(self.norm(h_BxE))) + self.time(temb_BxT)
@@ -51,25 +54,28 @@ class Block(nnx.Module):
 class MLPDenoiser(nnx.Module):
   """Predicts the noise in x_t from (x_t, t); any data shape, flattened to D."""
 
-  def __init__(self, cfg: MLPDenoiserConfig, data_shape: tuple[int, ...], *, rngs: nnx.Rngs):
-    self.cfg, self.data_shape = cfg, tuple(data_shape)
+  def __init__(self, cfg: MLPDenoiserConfig, data_shape: tuple[int, ...], *,
+               precision: Precision, rngs: nnx.Rngs):
+    self.cfg, self.data_shape, self.precision = cfg, tuple(data_shape), precision
+    kw = dict(precision=precision, rngs=rngs)
     d = math.prod(self.data_shape)
     # The data dimension (2 for two moons) is never sharded: it has no role.
-    self.inp = layers.dense(d, cfg.hidden, None, "embed", rngs=rngs)
-    self.time = layers.dense(cfg.time_dim, cfg.time_dim, None, "time", rngs=rngs)
+    self.inp = layers.dense(d, cfg.hidden, None, "embed", **kw)
+    self.time = layers.dense(cfg.time_dim, cfg.time_dim, None, "time", **kw)
     self.blocks = nnx.List([
-        Block(cfg.hidden, cfg.mlp_ratio * cfg.hidden, cfg.time_dim, rngs=rngs)
+        Block(cfg.hidden, cfg.mlp_ratio * cfg.hidden, cfg.time_dim, **kw)
         for _ in range(cfg.depth)])
-    self.norm = layers.layer_norm(cfg.hidden, rngs=rngs, role="embed")
+    self.norm = layers.layer_norm(cfg.hidden, role="embed", **kw)
     # Zero init: the untrained net predicts eps = 0, so the first loss is E|eps|^2 = 1.
-    self.out = layers.dense(cfg.hidden, d, "embed", None, rngs=rngs,
+    self.out = layers.dense(cfg.hidden, d, "embed", None, **kw,
                             kernel_init=nnx.initializers.zeros_init())
 
   def __call__(self, x, t_B):
-    x_BxD = x.reshape(x.shape[0], -1)
-    temb_BxT = jax.nn.silu(self.time(timestep_embedding(t_B, self.cfg.time_dim)))
+    cast = self.precision.cast
+    x_BxD = cast(x.reshape(x.shape[0], -1))
+    temb_BxT = jax.nn.silu(self.time(cast(timestep_embedding(t_B, self.cfg.time_dim))))
     h_BxE = self.inp(x_BxD)
     for block in self.blocks:
       h_BxE = block(h_BxE, temb_BxT)
     eps_BxD = self.out(jax.nn.silu(self.norm(h_BxE)))
-    return eps_BxD.reshape(x.shape)
+    return self.precision.output(eps_BxD).reshape(x.shape)

@@ -13,29 +13,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaler.errors import UserError
+from scaler.config import param, positive
 from scaler.nn import layers
+from scaler.nn.layers import Precision
 from scaler.nn.mlp import timestep_embedding
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  base: int = 32                   # channels at full resolution
-  mults: tuple[int, ...] = (1, 2)  # channel multiplier per level; len-1 downsamplings
-  num_res_blocks: int = 1          # residual blocks per level, down and up
-  groups: int = 8                  # GroupNorm groups; must divide every channel count
-  time_dim: int = 64               # sinusoidal time features
+  base: int = param(32, positive)            # channels at full resolution
+  mults: tuple[int, ...] = (1, 2)            # channel multiplier per level; len-1 downsamplings
+  num_res_blocks: int = param(1, positive)   # residual blocks per level, down and up
+  groups: int = param(8, positive)           # GroupNorm groups; must divide every channel count
+  time_dim: int = param(64, positive)        # sinusoidal time features
 
 
 class ResBlock(nnx.Module):
   """x + conv2(silu(norm2(conv1(silu(norm1(x))) + time(temb)))), 1x1 conv skip if needed."""
 
-  def __init__(self, c_in, c_out, time_dim, groups, *, rngs):
-    self.norm1 = layers.group_norm(c_in, groups, rngs=rngs, role="conv_in")
-    self.conv1 = layers.conv(c_in, c_out, (3, 3), rngs=rngs)
-    self.time = layers.dense(time_dim, c_out, "time", "conv_out", rngs=rngs)
-    self.norm2 = layers.group_norm(c_out, groups, rngs=rngs, role="conv_out")
-    self.conv2 = layers.conv(c_out, c_out, (3, 3), rngs=rngs)
-    self.skip = layers.conv(c_in, c_out, (1, 1), rngs=rngs) if c_in != c_out else None
+  def __init__(self, c_in, c_out, time_dim, groups, *, precision: Precision, rngs):
+    kw = dict(precision=precision, rngs=rngs)
+    self.norm1 = layers.group_norm(c_in, groups, role="conv_in", **kw)
+    self.conv1 = layers.conv(c_in, c_out, (3, 3), **kw)
+    self.time = layers.dense(time_dim, c_out, "time", "conv_out", **kw)
+    self.norm2 = layers.group_norm(c_out, groups, role="conv_out", **kw)
+    self.conv2 = layers.conv(c_out, c_out, (3, 3), **kw)
+    self.skip = layers.conv(c_in, c_out, (1, 1), **kw) if c_in != c_out else None
 
   def __call__(self, x_BxHxWxI, temb_BxT):
     h_BxHxWxO = self.conv1(jax.nn.silu(self.norm1(x_BxHxWxI)))
@@ -73,36 +76,39 @@ def check_shape(cfg: UNetConfig, data_shape) -> None:
 class UNet(nnx.Module):
   """Predicts the noise in an NHWC image x_t from (x_t, t)."""
 
-  def __init__(self, cfg: UNetConfig, data_shape: tuple[int, ...], *, rngs: nnx.Rngs):
+  def __init__(self, cfg: UNetConfig, data_shape: tuple[int, ...], *,
+               precision: Precision, rngs: nnx.Rngs):
     check_shape(cfg, data_shape)
-    self.cfg, self.data_shape = cfg, tuple(data_shape)
+    self.cfg, self.data_shape, self.precision = cfg, tuple(data_shape), precision
+    kw = dict(precision=precision, rngs=rngs)
     c = data_shape[-1]
     chans = [cfg.base * m for m in cfg.mults]
     last = len(chans) - 1
-    self.time = layers.dense(cfg.time_dim, cfg.time_dim, None, "time", rngs=rngs)
+    self.time = layers.dense(cfg.time_dim, cfg.time_dim, None, "time", **kw)
     # The image channels (1 or 3) are never sharded: they have no role.
-    self.conv_in = layers.conv(c, cfg.base, (3, 3), rngs=rngs, in_role=None)
+    self.conv_in = layers.conv(c, cfg.base, (3, 3), in_role=None, **kw)
     blocks = lambda c_in, c_out: nnx.List([
-        ResBlock(c_in if i == 0 else c_out, c_out, cfg.time_dim, cfg.groups, rngs=rngs)
+        ResBlock(c_in if i == 0 else c_out, c_out, cfg.time_dim, cfg.groups, **kw)
         for i in range(cfg.num_res_blocks)])
     self.down = nnx.List([
         blocks(cfg.base if i == 0 else chans[i - 1], chans[i]) for i in range(last + 1)])
     self.downsample = nnx.List([
-        layers.conv(chans[i], chans[i], (3, 3), strides=2, rngs=rngs) for i in range(last)])
-    self.mid = ResBlock(chans[last], chans[last], cfg.time_dim, cfg.groups, rngs=rngs)
+        layers.conv(chans[i], chans[i], (3, 3), strides=2, **kw) for i in range(last)])
+    self.mid = ResBlock(chans[last], chans[last], cfg.time_dim, cfg.groups, **kw)
     # Up level i takes the level below it (upsampled) plus down level i's output.
     self.upsample = nnx.List([
-        layers.conv(chans[i + 1], chans[i + 1], (3, 3), rngs=rngs) for i in range(last)])
+        layers.conv(chans[i + 1], chans[i + 1], (3, 3), **kw) for i in range(last)])
     self.up = nnx.List([
         blocks(chans[min(i + 1, last)] + chans[i], chans[i]) for i in range(last + 1)])
-    self.norm_out = layers.group_norm(chans[0], cfg.groups, rngs=rngs, role="conv_in")
+    self.norm_out = layers.group_norm(chans[0], cfg.groups, role="conv_in", **kw)
     # Zero init: the untrained net predicts eps = 0, so the first loss is E|eps|^2 = 1.
-    self.conv_out = layers.conv(chans[0], c, (3, 3), rngs=rngs, out_role=None,
+    self.conv_out = layers.conv(chans[0], c, (3, 3), out_role=None, **kw,
                                 kernel_init=nnx.initializers.zeros_init())
 
   def __call__(self, x_BxHxWxC, t_B):
-    temb_BxT = jax.nn.silu(self.time(timestep_embedding(t_B, self.cfg.time_dim)))
-    h = self.conv_in(x_BxHxWxC)
+    cast = self.precision.cast
+    temb_BxT = jax.nn.silu(self.time(cast(timestep_embedding(t_B, self.cfg.time_dim))))
+    h = self.conv_in(cast(x_BxHxWxC))
     skips = []
     for i, level in enumerate(self.down):
       for block in level:
@@ -117,4 +123,4 @@ class UNet(nnx.Module):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
       for block in self.up[i]:
         h = block(h, temb_BxT)
-    return self.conv_out(jax.nn.silu(self.norm_out(h)))
+    return self.precision.output(self.conv_out(jax.nn.silu(self.norm_out(h))))
