@@ -43,10 +43,10 @@ def measure(path, loader_batches=300, steps=60):
 
   loader = BatchLoader(source, cfg.train.batch_size, seed=0, prefetch=cfg.data.prefetch)
   it = iter(loader)
-  jax.block_until_ready(to_global(next(it), bsh))
+  jax.block_until_ready(to_global(next(it), bsh, cfg.train.batch_size))
   t0 = time.perf_counter()
   for _ in range(loader_batches):
-    batch = to_global(next(it), bsh)
+    batch = to_global(next(it), bsh, cfg.train.batch_size)
   jax.block_until_ready(batch)
   loader_rate = loader_batches / (time.perf_counter() - t0)
 

@@ -31,7 +31,7 @@ CASES = {
     "unet_b128": ("configs/diffusion_digits.yaml", ["train.batch_size=128"]),
     "mlp_b1": ("configs/diffusion_moons.yaml", ["train.batch_size=1"]),
 }
-COMMON = ["train.ema_decay=0.0", "mesh.data=1", "optimizer.warmup_steps=0"]
+COMMON = ["train.ema_decay=0.0", "mesh.data=1", "optimizer.schedule.warmup_steps=0"]
 
 
 def plain_step(exp):
@@ -45,7 +45,7 @@ def plain_step(exp):
   fam = exp.family
   model = fam.init(nnx.Rngs(0))["denoiser"]
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = optim.optimizer(exp.cfg.optimizer, exp.cfg.train.steps)
+  tx = optim.optimizer(exp.cfg.optimizer_for("denoiser"), exp.cfg.train.steps)
   opt_state = tx.init(params)
   sched = fam.schedule
 
@@ -90,20 +90,21 @@ def compiled_step_ratio(name, repeats=5):
   from scaler import experiment as experiment_lib
   from scaler import mesh as mesh_lib
   from scaler import state as state_lib
-  from scaler.train import compile_step, flops_per_step
+  from scaler.perf import per_device_flops
+  from scaler.train import compile_step
   path, overrides = CASES[name]
   cfg = config_lib.load(ROOT / path, overrides + COMMON)
   dev = jax.devices()[:1]
   exp = experiment_lib.build(cfg, dev)
   _, shardings = experiment_lib.abstract_shardings(exp)
-  state, _ = state_lib.create(exp.family, exp.txs, False, exp.networks, exp.rules, exp.mesh, 0)
+  state, _ = state_lib.create(exp.family, exp.networks, exp.txs, False, exp.rules, exp.mesh, 0)
   bsh = mesh_lib.batch_sharding(exp.mesh)
   x = np.random.default_rng(0).normal(size=(cfg.train.batch_size, *exp.spec.shape))
   x = x.astype(np.float32)
   batch = {"x": jax.device_put(x, bsh)}
   key = jax.random.key(0)
   compiled = compile_step(exp, shardings, bsh).lower(state, batch, key).compile()
-  flops = flops_per_step(compiled)
+  flops = per_device_flops(compiled)  # one device here: the whole step
   p_step, params, opt = plain_step(exp)
   xd = jax.device_put(x, dev[0])
   box = {"s": state, "p": (params, opt)}
@@ -203,7 +204,7 @@ def _one(config):
   cfg = config_lib.load(ROOT / config)
   exp = experiment_lib.build(cfg)
   _, shardings = experiment_lib.abstract_shardings(exp)
-  state, _ = state_lib.create(exp.family, exp.txs, True, exp.networks, exp.rules, exp.mesh, 0)
+  state, _ = state_lib.create(exp.family, exp.networks, exp.txs, True, exp.rules, exp.mesh, 0)
   bsh = mesh_lib.batch_sharding(exp.mesh)
   x = np.random.default_rng(0).normal(size=(cfg.train.batch_size, *exp.spec.shape))
   x = x.astype(np.float32)

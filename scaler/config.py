@@ -250,7 +250,8 @@ def build(cls, raw, section: str):
   for k, v in raw.items():
     f, key = fields[k], f"{section}.{k}"
     if "choices" in f.metadata:
-      kwargs[k] = build_named(v, key, f.metadata["choices"], f.metadata["key"])
+      default = f.default.name if isinstance(f.default, Named) else None
+      kwargs[k] = build_named(v, key, f.metadata["choices"], f.metadata["key"], default)
       continue
     kwargs[k] = _coerce(v, hints[k], key)
     check = f.metadata.get("check")
@@ -264,10 +265,14 @@ def build(cls, raw, section: str):
     raise UserError(f"config section '{section}': {e}") from None
 
 
-def build_named(raw, section: str, registry: dict, key: str = "name") -> Named:
-  """A `Named` choice: `{key: NAME, ...NAME's own keys}`, or just `NAME`."""
+def build_named(raw, section: str, registry: dict, key: str = "name",
+                default: str | None = None) -> Named:
+  """A `Named` choice: `{key: NAME, ...NAME's own keys}`, or just `NAME`; without a name,
+  the `default` choice."""
   if isinstance(raw, str):
     raw = {key: raw}
+  if isinstance(raw, dict) and key not in raw and default is not None:
+    raw = {key: default, **raw}
   if not isinstance(raw, dict) or key not in raw:
     raise UserError(f"config section '{section}' needs a '{key}': one of {', '.join(sorted(registry))}")
   raw = dict(raw)
@@ -287,7 +292,8 @@ def _optimizers(raw, registry):
     raise UserError(f"config section 'optimizer' must be a mapping, got {raw!r}")
   per_network = raw and all(isinstance(v, (dict, str)) for v in raw.values()) and "name" not in raw
   if per_network and not any(k in _all_fields(registry) for k in raw):
-    return {net: build_named(v if v is not None else "adamw", f"optimizer.{net}", registry)
+    return {net: build_named(v if v is not None else {}, f"optimizer.{net}", registry,
+                             default="adamw")
             for net, v in raw.items()}
   return build_named({"name": "adamw", **raw}, "optimizer", registry)
 
@@ -311,9 +317,11 @@ def from_dict(raw: dict) -> Config:
   for required in ("family", "model"):
     if required not in raw:
       raise UserError(f"config needs a '{required}' section")
+  from scaler.partitioning import resolve_rules
   rules = raw.get("rules", "data_parallel")
   if not isinstance(rules, (str, dict)):
     raise UserError(f"config key 'rules': {rules!r} must be a preset name or a mapping")
+  resolve_rules(rules)  # an unknown preset, role or mesh axis fails here, by name
   data = raw.get("data") or {}
   if isinstance(data, dict) and "source" not in data:
     data = {"source": "two_moons", **data}

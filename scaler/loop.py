@@ -82,7 +82,7 @@ class Loop:
     try:
       for step in range(start, end):
         if step > start:
-          batch = to_global(next(batches), self.sharding)
+          batch = to_global(next(batches), self.sharding, tcfg.batch_size)
         state, metrics = self.compiled(state, batch, self.train_key)
         in_flight.append(metrics)
         if len(in_flight) > tcfg.max_in_flight:

@@ -149,7 +149,7 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
   try:
     state, loader, start = restore_or_init(run, ckpt, resume_from)
     batches = iter(loader)
-    first = to_global(next(batches), run.batch_sharding)
+    first = to_global(next(batches), run.batch_sharding, cfg.train.batch_size)
     if start == 0:
       state = data_init(run, state, first)
     _, shardings = experiment_lib.abstract_shardings(run.exp)

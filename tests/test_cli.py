@@ -90,7 +90,9 @@ def test_layout_prints_the_table():
     (["train", TINY, "train.batch_size=63"], ["batch_size=63"]),
     (["train", TINY, "family.name=gann"], ["gann", "diffusion"]),
     (["train", TINY, "model.name=resnet"], ["resnet", "mlp_denoiser"]),
-    (["train", TINY, "data.source=npz", "data.path=/nonexistent/x.npz"], ["/nonexistent/x.npz"]),
+    # A whole section replaced: the file's toy-data keys would not apply to an npz.
+    (["train", TINY, "data={source: npz, path: /nonexistent/x.npz}"], ["/nonexistent/x.npz"]),
+    (["train", TINY, "data.source=npz", "data.path=/x.npz"], ["data.num_test", "accepts"]),
     (["train", "/nonexistent/config.yaml"], ["/nonexistent/config.yaml"]),
     (["train", TINY, "checkpoint.preemption_signal=SIGFOO"], ["SIGFOO", "SIGUSR1"]),
 ])
@@ -102,7 +104,7 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, words):
 def test_malformed_data_file(capsys, tmp_path):
   bad = tmp_path / "x.npy"
   bad.write_bytes(b"not a numpy file")
-  expect_user_error(capsys, ["train", TINY, "data.source=npy", f"data.path={bad}",
+  expect_user_error(capsys, ["train", TINY, f"data={{source: npy, path: {bad}}}",
                              "--run-dir", str(tmp_path / "r")], str(bad))
 
 
@@ -114,4 +116,4 @@ def test_debug_mode_stops_at_the_first_non_finite_step(tmp_path):
   assert "Traceback" not in out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("scaler: error: non-finite values at step "), last
-  assert "first in state['" in last and "lower optimizer.lr" in last
+  assert "first in state.params['" in last and "lower optimizer.lr" in last

@@ -49,9 +49,9 @@ def test_arrays_carry_the_layout_shardings(mesh, rules):
   cfg = _cfg(mesh, rules)
   exp = experiment_lib.build(cfg)
   _, shardings = experiment_lib.abstract_shardings(exp)  # what `scaler layout` prints
-  state, _ = state_lib.create(exp.family, exp.txs, False, exp.networks, exp.rules, exp.mesh, 0)
-  planned = jax.tree.leaves(shardings["params"])
-  actual = jax.tree.leaves(state["params"])
+  state, _ = state_lib.create(exp.family, exp.networks, exp.txs, False, exp.rules, exp.mesh, 0)
+  planned = jax.tree.leaves(shardings.params)
+  actual = jax.tree.leaves(state.params)
   assert any(s.spec != jax.sharding.PartitionSpec(*[None] * len(s.spec)) for s in planned)
   for s, a in zip(planned, actual):
     assert a.sharding.is_equivalent_to(s, a.ndim)

@@ -48,7 +48,8 @@ def test_digits_unet_trains_and_writes_a_grid(tmp_path):
   config = ROOT / "configs" / "diffusion_digits.yaml"
   run_dir = tmp_path / "digits"
   out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), "train.steps=60",
-               "optimizer.warmup_steps=10", "train.log_every=20", "checkpoint.every=30", "family.sample_steps=10")
+               "optimizer.schedule.warmup_steps=10", "train.log_every=20", "checkpoint.every=30",
+               "family.sampler.steps=10")
   assert out.returncode == 0, out.stderr[-3000:]
   assert (run_dir / "samples.png").stat().st_size > 1000
   out = scaler("sample", str(run_dir), "--num", "16", "--out", str(tmp_path / "d.npz"))

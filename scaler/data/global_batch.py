@@ -4,10 +4,12 @@ import jax
 import numpy as np
 
 
-def to_global(local_batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
-  """Each process contributes its rows; together they form the global batch."""
+def to_global(local_batch: dict, sharding: jax.sharding.NamedSharding, global_rows: int) -> dict:
+  """Each process contributes the rows its devices hold (`scaler.mesh.process_rows`);
+  together they form a global batch of `global_rows`. Where a non-batch mesh axis spans
+  processes, several processes hold (and pass) the same rows."""
   out = {}
   for key, local in local_batch.items():
-    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-    out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(local), global_shape)
+    out[key] = jax.make_array_from_process_local_data(
+        sharding, np.asarray(local), (global_rows, *local.shape[1:]))
   return out
