@@ -67,18 +67,19 @@ def _check_args(args) -> None:
 def _prepare_run(args) -> Path:
   """The checks a single process makes, made once here, before anything starts."""
   from launch import commands
-  from scaler import config as config_lib
+  from scaler import run_dir as run_dir_lib
 
-  cfg = config_lib.load(args.config, args.overrides)
-  run_dir = Path(args.run_dir) if args.run_dir else commands._default_run_dir(args.config)
-  ckpt_dir = Path(cfg.checkpoint.directory or run_dir / "checkpoints")
-  if "://" not in str(cfg.checkpoint.directory or ""):
-    commands._check_run_dir(run_dir, ckpt_dir, args.resume_from)
+  cfg, run_dir = commands.train_config(args)
+  run_dir_lib.plan(run_dir, cfg, allow_config_change=args.allow_config_change,
+                   resume_from=args.resume_from)
   return run_dir
 
 
 def _train_argv(args, run_dir: Path, attempt: int) -> list[str]:
-  argv = ["train", args.config, *args.overrides, "--run-dir", str(run_dir)]
+  argv = ["train", *([args.config] if args.config else []), *args.overrides,
+          "--run-dir", str(run_dir)]
+  if args.allow_config_change and attempt == 0:   # a restart resumes what attempt 0 saved
+    argv.append("--allow-config-change")
   if args.resume_from is not None and attempt == 0:  # a restart takes the latest save
     argv += ["--resume-from", str(args.resume_from)]
   if args.debug:

@@ -30,6 +30,8 @@ def export(checkpoint_dir: str, step: int | None, out_dir: str) -> str:
   step or an unsafe checkpoint directory.
   """
   out = epath.Path(checks.absolute(out_dir))
+  if out.exists() and not out.is_dir():
+    raise UserError(f"export directory {out_dir} exists and is a file; choose a new directory")
   if out.exists() and any(out.iterdir()):
     raise UserError(f"export directory {out_dir} exists and is not empty; choose another")
   checks.check_root(str(checkpoint_dir))
