@@ -62,6 +62,15 @@ def _parser():
   e.add_argument("run_dir")
   e.add_argument("--out", required=True)
   e.add_argument("--step", type=int)
+
+  d = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command",
+                                                                     required=True)
+  c = d.add_parser("convert", help="an image folder, .npy or .npz -> ArrayRecord shards")
+  c.add_argument("src", help="a folder of images (one subfolder per class), .npy or .npz")
+  c.add_argument("--out", required=True, help="a new folder for the shards")
+  c.add_argument("--shards", type=int, default=1)
+  c.add_argument("--key", help="the .npz array of images (default: its only one)")
+  c.add_argument("--label-key", help="the .npz array of integer labels")
   return p
 
 
@@ -117,6 +126,8 @@ def main(argv=None) -> None:
   from scaler.errors import UserError
   if multi_host:
     from launch import ray_launcher as commands  # the driver never imports jax
+  elif args.command == "data":
+    from launch import data_commands as commands
   else:
     from launch import commands
   try:

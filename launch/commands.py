@@ -77,7 +77,9 @@ def sample(args) -> int:
   from scaler import experiment as experiment_lib
   from scaler import plots
   from scaler.checkpoint import Checkpointer
+  from scaler.data import read_spec
   from scaler.sampling import draw_samples
+  from scaler.train import DATA_SPEC
 
   run_dir = Path(args.run_dir)
   out = Path(args.out)
@@ -88,7 +90,9 @@ def sample(args) -> int:
   if out.exists():
     raise UserError(f"--out {out} exists; choose another name (nothing is overwritten)")
   cfg = _fit_mesh(_load_run(run_dir))
-  exp = experiment_lib.build(cfg)
+  # The run's saved data spec: sampling never opens the training data.
+  spec_path = run_dir / DATA_SPEC
+  exp = experiment_lib.build(cfg, spec=read_spec(spec_path) if spec_path.exists() else None)
   target = experiment_lib.abstract_target(exp)
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})
