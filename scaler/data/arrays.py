@@ -7,6 +7,8 @@ once, and stays in memory in its stored dtype.
 """
 
 import hashlib
+import math
+import mmap
 import zipfile
 from pathlib import Path
 
@@ -47,29 +49,51 @@ class ArrayReader:
 
 
 class MmapReader(ArrayReader):
-  """An .npy array (or an uncompressed .npz member) mapped read-only from its file."""
+  """An .npy array (or an uncompressed .npz member) mapped read-only from its file.
+
+  The mapping is advised random (no read-ahead around each row of a shuffled batch) and
+  its pages are let go after every read: the kernel maps the pages around each touched
+  row into the process, so without that the resident set of a process that has sampled
+  rows all over a cached file grows to the whole file, though it read a few rows.
+  """
 
   def __init__(self, path: Path, offset: int, dtype, shape, fortran: bool, name: str,
                labels=None, num_classes=0):
     self.mmap_args = (str(path), offset, np.dtype(dtype), tuple(shape), "F" if fortran else "C")
     super().__init__(self._map(), labels, num_classes, name, Path(path))
 
-  def _map(self):
+  def _map(self) -> np.ndarray:
     path, offset, dtype, shape, order = self.mmap_args
-    return np.memmap(path, dtype, "r", offset, shape, order)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    length = offset - start + dtype.itemsize * math.prod(shape)
+    with open(path, "rb") as f:
+      self._mmap = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=start)
+    if hasattr(mmap, "MADV_RANDOM"):
+      self._mmap.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype, self._mmap, offset - start, order=order)
+
+  def _release(self) -> None:
+    if hasattr(mmap, "MADV_DONTNEED"):
+      self._mmap.madvise(mmap.MADV_DONTNEED)  # the file's pages stay in the page cache
 
   def read(self, idx) -> Rows:
     x = ordered_read(lambda i: self.x[i], np.asarray(idx))
+    self._release()
     return Rows(x, None if self.labels is None else self.labels[idx])
+
+  def sample_bytes(self, idx) -> bytes:
+    out = super().sample_bytes(idx)
+    self._release()
+    return out
 
   def fingerprint_bytes(self) -> bytes:
     path, offset, dtype, shape, order = self.mmap_args
     return f"{Path(path).name} {Path(path).stat().st_size} {offset} {dtype} {shape} {order}".encode()
 
   # Pickled for grain worker processes by file and offset, never by content (pickling
-  # a memmap would copy the whole array into the message).
+  # the array would copy the whole file into the message).
   def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k != "x"}
+    return {k: v for k, v in self.__dict__.items() if k not in ("x", "_mmap")}
 
   def __setstate__(self, state):
     self.__dict__.update(state)
