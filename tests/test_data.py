@@ -107,6 +107,9 @@ def test_npz_with_labels_mapped_or_loaded(tmp_path, save):
   # Without data.key, the one array that is not the labels.
   c = load_source(data_config("npz", path=str(tmp_path / "b.npz"), label_key="y"), "train")
   np.testing.assert_array_equal(everything(c)["x"], everything(b)["x"])
+  save(tmp_path / "u.npz", img=np.zeros((10, 2, 2, 1), np.uint8))  # kept as uint8
+  u = load_source(data_config("npz", path=str(tmp_path / "u.npz")), "train")
+  assert u.reader.x.dtype == np.uint8 and u.spec.dtype == "uint8"
 
 
 def test_image_folder_is_read_lazily_with_class_subfolders(tmp_path, monkeypatch):
