@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 
 import numpy as np
 
@@ -104,7 +105,7 @@ def _write(path, fingerprint, spec: DataSpec) -> None:
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A private name, then a rename: processes of one run may write the same file at once.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp = path.parent / f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.rename(path)
   except OSError as e:
