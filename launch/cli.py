@@ -90,6 +90,16 @@ def _parser():
 
   sub.add_parser("list", help="configs, families, networks, data sources, rule presets",
                  formatter_class=fmt)
+
+  d = sub.add_parser("data", help="prepare datasets", formatter_class=fmt).add_subparsers(dest="data_command",
+                                                                     required=True)
+  c = d.add_parser("convert", help="an image folder, .npy or .npz -> ArrayRecord shards",
+                 formatter_class=fmt)
+  c.add_argument("src", help="a folder of images (one subfolder per class), .npy or .npz")
+  c.add_argument("--out", required=True, help="a new folder for the shards")
+  c.add_argument("--shards", type=int, default=1, help="ArrayRecord files to write")
+  c.add_argument("--key", help="the .npz array of images (default: its only one)")
+  c.add_argument("--label-key", help="the .npz array of integer labels")
   return p
 
 
@@ -157,6 +167,8 @@ def main(argv=None) -> None:
   from scaler.errors import UserError
   if multi_host:
     from launch import ray_launcher as commands  # the driver never imports jax
+  elif args.command == "data":
+    from launch import data_commands as commands
   else:
     from launch import commands
   try:

@@ -125,7 +125,9 @@ def sample(args) -> int:
   from scaler import experiment as experiment_lib
   from scaler import plots
   from scaler.checkpoint import Checkpointer
+  from scaler.data import read_spec
   from scaler.sampling import NpyStream, draw_samples
+  from scaler.train import DATA_SPEC
 
   run_dir = Path(args.run_dir)
   out = Path(args.out)
@@ -133,7 +135,9 @@ def sample(args) -> int:
   if args.chunk < 1:
     raise UserError(f"--chunk {args.chunk}: needs at least 1")
   cfg = _fit_mesh(_load_run(run_dir))
-  exp = experiment_lib.build(cfg)
+  # The run's saved data spec: sampling never opens the training data.
+  spec_path = run_dir / DATA_SPEC
+  exp = experiment_lib.build(cfg, spec=read_spec(spec_path) if spec_path.exists() else None)
   target = experiment_lib.abstract_target(exp)
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 import scaler
@@ -24,12 +25,13 @@ from scaler import rng as rng_lib
 from scaler import run_dir as run_dir_lib
 from scaler import state as state_lib
 from scaler.checkpoint import Checkpointer
-from scaler.data import BatchLoader, fingerprint, load_source, to_global
+from scaler.data import BatchLoader, fingerprint, load_source, read_spec, save_spec, to_global
 from scaler.loop import Loop, NonFiniteError, Preempted  # noqa: F401 - re-exported
 from scaler.sampling import draw_samples, sample_params  # noqa: F401 - re-exported
 from scaler.step import make_train_step
 
 log = logging.getLogger("scaler")
+DATA_SPEC = "data_spec.json"  # the data's shape, kind, statistics and classes (JSON)
 
 
 @dataclasses.dataclass
@@ -45,7 +47,10 @@ class Run:
 def setup(cfg: config_lib.Config, run_dir, devices=None) -> Run:
   """Stage 1: data, mesh, family, shardings; every check that needs no compile."""
   jax.config.update("jax_threefry_partitionable", True)  # numbers independent of the mesh
-  train_source = load_source(cfg.data, "train")
+  # A run normalises with the statistics it started with, saved in its directory.
+  spec_path = Path(run_dir) / DATA_SPEC
+  saved = read_spec(spec_path) if spec_path.exists() else None
+  train_source = load_source(cfg.data, "train", spec=saved)
   exp = experiment_lib.build(cfg, devices, spec=train_source.spec)
   rows = mesh_lib.process_rows(exp.mesh, cfg.train.batch_size)
   return Run(exp, Path(run_dir), train_source, mesh_lib.batch_sharding(exp.mesh), rows)
@@ -157,8 +162,9 @@ def finish(run: Run, state, last: dict) -> None:
   samples = draw_samples(exp, state, tcfg.num_samples, seed=0)
   if jax.process_index() != 0:
     return
-  test = load_source(exp.cfg.data, "test")
-  plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(test.x[:len(samples)]),
+  test = load_source(exp.cfg.data, "test", spec=exp.spec)
+  held_out = test.rows(np.arange(min(len(samples), len(test))))["x"]
+  plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(held_out),
                 run.run_dir / "samples.png", kind=exp.spec.kind)
   plots.curves(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
   (run.run_dir / "final_metrics.json").write_text(json.dumps(last, indent=1))
@@ -188,7 +194,10 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
     try:
       state, loader, start = restore_or_init(run, ckpt, resume_from)
       if jax.process_index() == 0:
-        plan.commit()   # the config, only once the start can no longer be refused
+        # The config and the data's spec, only once the start can no longer be refused:
+        # with the spec, sampling and evaluation never need the training data.
+        plan.commit()
+        save_spec(run.train_source.spec, run.run_dir / DATA_SPEC)
       banner(run, state, start)
       batches = iter(loader)
       first = to_global(next(batches), run.batch_sharding, cfg.train.batch_size)
