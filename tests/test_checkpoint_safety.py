@@ -135,6 +135,7 @@ def test_a_flipped_bit_in_any_array_falls_back_naming_it(tmp_path, mesh8, caplog
     assert warning.endswith(f"state{name}"), warning
 
 
+@pytest.mark.slow  # three short trainings; detection and fallback are checked above
 def test_a_flipped_bit_in_the_latest_step_resumes_from_the_one_before_bitwise(tmp_path,
                                                                              caplog):
   # The failure this guards: a single flipped bit in a data file restored without a word,
