@@ -179,12 +179,19 @@ class Checkpointer:
     if not self._cleared:
       self._clear_leftovers()
     self._set_aside_newer(step)
+    checksums = sums.Pending()
+    if not self._cfg.async_save:   # orbax's save returns only once the item is written
+      checksums.set(sums.stored(state, data_state, self._record))
     # `force=True` bypasses orbax's own save-interval policy: the decision is made above.
     self._mngr.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         record=ocp.args.JsonSave(self._record),
-        **{sums.ITEM: sums.ChecksumSave(sums.stored(state, data_state, self._record))}))
+        **{sums.ITEM: sums.ChecksumSave(checksums)}))
+    if self._cfg.async_save:
+      # Dispatched once orbax has copied the arrays off the devices, so that the two do
+      # not compete; still before the loop's next step can donate the state's buffers.
+      checksums.set(sums.stored(state, data_state, self._record))
     self._saved.add(step)
     return True
 

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import threading
 from typing import Callable
 
 import jax
@@ -161,6 +162,29 @@ def verify(saved: dict, state, data_state, record) -> None:
                                             if len(bad) > MAX_LISTED else "")
     raise ChecksumMismatch(f"{len(bad)} of {len(got) + len(json_items)} restored items "
                            f"differ from the checksums written at save time: {listed}")
+
+
+class Pending:
+  """What `stored` returned, handed over to orbax's background thread once it exists.
+
+  An asynchronous save dispatches the checksums after orbax has copied the arrays, so
+  the item's arguments are given before the values can be.
+  """
+
+  TIMEOUT_S = 600
+
+  def __init__(self):
+    self._ready = threading.Event()
+    self._content = None
+
+  def set(self, content: Callable[[], dict]) -> None:
+    self._content = content
+    self._ready.set()
+
+  def __call__(self) -> dict:
+    if not self._ready.wait(self.TIMEOUT_S):
+      raise TimeoutError("the checkpoint's checksums were never dispatched")
+    return self._content()
 
 
 class ChecksumHandler(ocp.JsonCheckpointHandler):
