@@ -48,7 +48,7 @@ from scaler import checkpoint_checksums as sums  # noqa: E402
 from scaler.checkpoint import Checkpointer  # noqa: E402
 from scaler.config import CheckpointConfig  # noqa: E402
 
-RUNS = 7
+RUNS = 11
 LAYERS, WIDTH = 4, 2048     # 4 x 2048 x 2048 float32 = 67 MB of params, x3 with adam
 
 
