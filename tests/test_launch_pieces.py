@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from launch import heartbeat, ray_hosts
-from launch.ray_launcher import Outcome, _classify, root_cause
+from launch.ray_launcher import Attempt, Outcome, _classify, root_cause
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_diffusion.yaml")
@@ -46,6 +46,22 @@ def test_root_cause_is_the_frozen_host_the_stuck_one_or_the_first_to_end():
   at_start = Outcome("preempted", 1, step=-1, ended_at=0.5)
   assert root_cause([at_start, aborted]) is at_start
   assert root_cause([killed, Outcome("preempted", 1, step=-1, ended_at=1.2)]) is killed
+
+
+def test_after_a_failure_the_peers_native_stack_traces_are_cut(capsys):
+  # What a worker prints when its coordinator is killed: JAX's fatal error, then glog's
+  # native stack trace. The cause's own lines are kept whole.
+  attempt = Attempt.__new__(Attempt)
+  attempt.args = type("Args", (), {"hosts": 2})()
+  fatal = ["F1203 client.h:80] Terminating process because the JAX distributed service "
+           "detected fatal errors.", "*** Check failure stack trace: ***"] + [
+               f"    @     0x7f00{i:08x}  xla::Fn{i}()" for i in range(40)]
+  attempt.held = [(1, line) for line in fatal] + [(0, "    @     0x7f0000000001  cause()")]
+  attempt._print_held(Outcome("killed", 0, "was killed by SIGKILL"))
+  out = capsys.readouterr().out.splitlines()
+  assert out == ["[host 1] " + fatal[0],
+                 "[host 0]     @     0x7f0000000001  cause()",
+                 "[host 1] (41 lines of a native stack trace not shown)"], out
 
 
 def test_sigkill_is_called_out_of_memory_only_when_the_oom_killer_ran():
