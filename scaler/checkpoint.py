@@ -322,8 +322,12 @@ class Checkpointer:
       except Exception as e:  # a truncated, missing or corrupt file surfaces as many types
         error = e
       if _everyone(error is None):
-        self._saved = {x for x in self._saved if x <= s}   # later ones are abandoned
-        return (*result, s)
+        # Verified once every process has its arrays: the checksums are collectives, and
+        # their values global, so every process reaches the same verdict.
+        error = self._verify(s, *result)
+        if error is None:
+          self._saved = {x for x in self._saved if x <= s}   # later ones are abandoned
+          return result[0], result[1], s
       reason, details = _reason(error) if error else ("failed on another process", "")
       self._unrestorable[s] = reason
       problems.append(f"  step {s}: {reason}")
@@ -348,17 +352,23 @@ class Checkpointer:
                       + "\n".join(mismatches))
     items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                  record=ocp.args.JsonRestore())
-    verified = (self.directory / str(step) / sums.ITEM).exists()
-    if verified:
+    if (self.directory / str(step) / sums.ITEM).exists():
       items[sums.ITEM] = sums.ChecksumRestore()
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    if verified:
-      sums.verify(restored[sums.ITEM], restored["state"], restored["data"], restored["record"])
-    else:
+    self._compare_record(step, restored["record"], restored["data"])
+    return restored["state"], restored["data"], restored["record"], restored.get(sums.ITEM)
+
+  def _verify(self, step: int, state, data_state, record, saved) -> Exception | None:
+    """The ChecksumMismatch of a restored step, or None when it is intact."""
+    if saved is None:
       log.warning("checkpoint step %d in %s has no checksums (saved by an older scaler): "
                   "restored without verifying its arrays", step, self.directory)
-    self._compare_record(step, restored["record"], restored["data"])
-    return restored["state"], restored["data"]
+      return None
+    try:
+      sums.verify(saved, state, data_state, record)
+    except sums.ChecksumMismatch as e:
+      return e
+    return None
 
   def _compare_record(self, step: int, saved: dict, data_state) -> None:
     """Warns where the checkpoint was written against other data than this run's."""
