@@ -157,11 +157,25 @@ def verify(saved: dict, state, data_state, record) -> None:
   json_items = saved.get("json", {})
   bad += [f"the {name} item" for name, value in (("data", data_state), ("record", record))
           if name in json_items and json_items[name] != _digest(value)]
+  _raise_if_any(bad, len(got) + len(json_items))
+
+
+def verify_part(saved: dict, key: str, tree) -> None:
+  """`verify` for the `key` subtree of the state alone (`scaler export` reads the EMA or
+  the parameters only), whether the state is a dict or a dataclass."""
+  want = saved.get("arrays", {})
+  got = to_host(*checksums(tree))
+  bad = [f"state['{key}']{name}" for name, value in got.items()
+         if want.get(f"['{key}']{name}", want.get(f".{key}{name}")) != value]
+  _raise_if_any(bad, len(got))
+
+
+def _raise_if_any(bad: list[str], total: int) -> None:
   if bad:
     listed = ", ".join(bad[:MAX_LISTED]) + (f" and {len(bad) - MAX_LISTED} more"
                                             if len(bad) > MAX_LISTED else "")
-    raise ChecksumMismatch(f"{len(bad)} of {len(got) + len(json_items)} restored items "
-                           f"differ from the checksums written at save time: {listed}")
+    raise ChecksumMismatch(f"{len(bad)} of {total} restored items differ from the "
+                           f"checksums written at save time: {listed}")
 
 
 class Pending:

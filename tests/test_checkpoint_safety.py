@@ -193,6 +193,20 @@ def test_a_checkpoint_without_checksums_restores_with_a_warning(tmp_path, mesh8,
   ckpt.close()
 
 
+def test_export_refuses_weights_that_fail_their_checksums(tmp_path, state):
+  import json
+  from scaler.export import export
+  saved(tmp_path / "ckpt", state, [1]).close()
+  stored = tmp_path / "ckpt" / "1" / "checksums" / "metadata"
+  content = json.loads(stored.read_text())
+  content["arrays"]["['ema']['net']['w']"] ^= 1        # as if the data had changed
+  stored.write_text(json.dumps(content))
+  with pytest.raises(UserError, match=r"is corrupt \(1 of 2 .*"
+                                      r"state\['ema'\]\['net'\]\['w'\]"):
+    export(str(tmp_path / "ckpt"), 1, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
 # --- what the warnings say ---
 
 
