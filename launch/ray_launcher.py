@@ -34,7 +34,7 @@ PREEMPT_GRACE_S = 60      # peers finish their coordinated save after the first 
 SETTLE_S = 1.5            # after a first failure, how long peers may still report theirs
 SLOW_S = 600              # before the first step (compile, restore), as the host's watchdog
 STOPPED_S = 2.0           # a host the kernel reports stopped (SIGSTOP), silent this long
-SILENT_S = 3.0            # once peers fail, a host silent this long is the frozen one
+SILENT_S = 3.0            # once peers stall, a host silent this long is the frozen one
 
 
 @dataclasses.dataclass
@@ -209,8 +209,8 @@ class Attempt:
     """Ends, as frozen, each running host whose heartbeat has gone silent.
 
     Silent for the stall timeout (the host's own watchdog cannot fire: nothing in the
-    process runs), or stopped by the kernel (SIGSTOP); with `silent_s`, once peers have
-    failed, silent that long.
+    process runs), or stopped by a signal (SIGSTOP; not a debugger's brief trace stop);
+    with `silent_s`, once peers have stalled, silent that long.
     """
     now = time.time()
     for rank, beat in enumerate(self.beats):
@@ -218,7 +218,7 @@ class Attempt:
         continue
       limit = self.args.stall_timeout if beat["step"] >= 0 else max(SLOW_S,
                                                                     self.args.stall_timeout)
-      stopped = beat["state"] in ("T", "t")
+      stopped = beat["state"] == "T"
       if (beat["silent_s"] > limit or (stopped and beat["silent_s"] > STOPPED_S)
           or (silent_s is not None and beat["silent_s"] > silent_s)):
         where = f"after step {beat['step']}" if beat["step"] >= 0 else "before the first step"
@@ -248,8 +248,9 @@ class Attempt:
     first_failure = None
     while True:
       self._poll()
-      failed = any(o is not None and o.kind != "done" for o in self.ended)
-      self._find_frozen(SILENT_S if failed else None)
+      # Peers that stalled wait for someone: a host gone silent meanwhile is the one.
+      stalled = any(o is not None and o.kind == "stalled" for o in self.ended)
+      self._find_frozen(SILENT_S if stalled else None)
       failures = [o for o in self.ended if o is not None and o.kind != "done"]
       if all(o is not None for o in self.ended):
         break
