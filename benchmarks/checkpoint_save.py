@@ -172,7 +172,7 @@ def main():
         with Unverified() if suffix else contextlib.nullcontext():
           c = ckpts[(False, verified)]
           record[f"restore{suffix}_s"] = timed(
-              lambda: jax.block_until_ready(c.restore(abstract, step=step)[0]))
+              lambda c=c, step=step: jax.block_until_ready(c.restore(abstract, step=step)[0]))
       record["checksum_s"] = timed(lambda: sums.to_host(*sums.checksums(state)))
       if step:
         for k, v in record.items():

@@ -350,8 +350,8 @@ class Checkpointer:
       raise UserError(f"checkpoint step {step} in {self.directory} does not fit the model "
                       "(a different architecture or optimizer?); arrays that differ:\n"
                       + "\n".join(mismatches))
-    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                 record=ocp.args.JsonRestore())
+    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore(),
+             "record": ocp.args.JsonRestore()}
     if (self.directory / str(step) / sums.ITEM).exists():
       items[sums.ITEM] = sums.ChecksumRestore()
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))

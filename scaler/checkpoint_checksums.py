@@ -23,7 +23,7 @@ import functools
 import hashlib
 import json
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

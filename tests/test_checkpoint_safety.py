@@ -145,7 +145,8 @@ def test_a_flipped_bit_in_the_latest_step_resumes_from_the_one_before_bitwise(tm
   cfg = _cfg()                           # 16 steps; stopping at 12 skips the samples
   train(cfg, tmp_path / "straight", stop_at=12)
   train(cfg, tmp_path / "split", stop_at=8)
-  largest = max(data_files(tmp_path / "split" / "checkpoints" / "8"), key=lambda p: p.stat().st_size)
+  step_8 = tmp_path / "split" / "checkpoints" / "8"
+  largest = max(data_files(step_8), key=lambda p: p.stat().st_size)
   blob = bytearray(largest.read_bytes())
   blob[len(blob) // 2] ^= 0x04
   largest.write_bytes(bytes(blob))

@@ -53,8 +53,8 @@ def test_after_a_failure_the_peers_native_stack_traces_are_cut(capsys):
   # native stack trace. The cause's own lines are kept whole.
   attempt = Attempt.__new__(Attempt)
   attempt.args = type("Args", (), {"hosts": 2})()
-  fatal = ["F1203 client.h:80] Terminating process because the JAX distributed service "
-           "detected fatal errors.", "*** Check failure stack trace: ***"] + [
+  fatal = [("F1203 client.h:80] Terminating process because the JAX distributed service "
+            "detected fatal errors."), "*** Check failure stack trace: ***"] + [
                f"    @     0x7f00{i:08x}  xla::Fn{i}()" for i in range(40)]
   attempt.held = [(1, line) for line in fatal] + [(0, "    @     0x7f0000000001  cause()")]
   attempt._print_held(Outcome("killed", 0, "was killed by SIGKILL"))
