@@ -16,7 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+from launch import early_sigterm
+
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 42   # as commands.EXIT_PREEMPTED: resumable
 
 
 class _Help(argparse.HelpFormatter):
@@ -149,8 +152,18 @@ def _parse(argv):
 
 def main(argv=None) -> None:
   args = _parse(argv)
-  configure_logging()
   multi_host = args.command == "train" and args.hosts is not None
+  one_process_train = args.command == "train" and not multi_host
+  if one_process_train:
+    early_sigterm.install()   # until JAX's notifier exists, a SIGTERM is only recorded
+  try:
+    _run(args, multi_host, one_process_train)
+  finally:
+    early_sigterm.release()
+
+
+def _run(args, multi_host: bool, one_process_train: bool) -> None:
+  configure_logging()
   if args.command == "train" and args.devices is not None and not args.debug:
     _fail(f"--devices {args.devices} simulates CPU devices and needs --debug; without it "
           "the run uses the machine's real devices (--devices-per-host with --hosts)")
@@ -171,6 +184,8 @@ def main(argv=None) -> None:
     from launch import data_commands as commands
   else:
     from launch import commands
+  if one_process_train:
+    _preempted_at_start_up()
   try:
     code = getattr(commands, {"list": "show_list"}.get(args.command, args.command))(args)
   except UserError as e:
@@ -179,6 +194,20 @@ def main(argv=None) -> None:
     print("\nscaler: interrupted", file=sys.stderr)
     sys.exit(130)
   sys.exit(code or 0)
+
+
+def _preempted_at_start_up() -> None:
+  """Starts JAX's runtime (and its SIGTERM notifier); exits 42 if a SIGTERM came first.
+
+  `commands.train` starts the runtime too; here it is started a step earlier, so that
+  the hand-over from `early_sigterm` to JAX's notifier happens in one place.
+  """
+  from scaler import checkpoint_preemption
+  checkpoint_preemption.start_runtime()
+  if early_sigterm.hand_over(checkpoint_preemption.notifier_installed()):
+    print("scaler: preempted during start-up (SIGTERM before training began); nothing "
+          "to save; run the same command again to resume", flush=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _fail(message: str) -> None:
