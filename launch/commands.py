@@ -232,7 +232,12 @@ def export(args) -> int:
                       args.out)
   if "://" not in str(out):
     # What it takes to use the weights without the run: the resolved config beside them.
+    import shutil
+
+    from scaler.train import DATA_SPEC
     config_lib.dump(cfg, Path(out) / "scaler_config.yaml")
+    if (run_dir / DATA_SPEC).is_file():   # the normalisation, to map samples to data space
+      shutil.copy(run_dir / DATA_SPEC, Path(out) / DATA_SPEC)
   print(f"scaler: exported parameters to {out or args.out}")
   return 0
 

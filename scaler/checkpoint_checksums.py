@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Callable
 
@@ -163,11 +164,18 @@ def verify(saved: dict, state, data_state, record) -> None:
 def verify_part(saved: dict, key: str, tree) -> None:
   """`verify` for the `key` subtree of the state alone (`scaler export` reads the EMA or
   the parameters only), whether the state is a dict or a dataclass."""
-  want = saved.get("arrays", {})
+  # A tree read back by orbax keys a list index as the string '0' where the state had
+  # the integer 0: compare paths with every index written as a string.
+  want = {_plain_path(k): v for k, v in saved.get("arrays", {}).items()}
   got = to_host(*checksums(tree))
   bad = [f"state['{key}']{name}" for name, value in got.items()
-         if want.get(f"['{key}']{name}", want.get(f".{key}{name}")) != value]
+         if want.get(_plain_path(f"['{key}']{name}"),
+                     want.get(_plain_path(f".{key}{name}"))) != value]
   _raise_if_any(bad, len(got))
+
+
+def _plain_path(path: str) -> str:
+  return re.sub(r"\[(\d+)\]", r"['\1']", path)
 
 
 def _raise_if_any(bad: list[str], total: int) -> None:
