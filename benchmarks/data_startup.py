@@ -35,7 +35,7 @@ from scaler import config as config_lib, mesh as mesh_lib
 from scaler.data import BatchLoader, data_config, load_source, to_global
 mode, path = sys.argv[1], sys.argv[2]
 bsh = mesh_lib.batch_sharding(mesh_lib.make_mesh(config_lib.MeshConfig()))
-jax.block_until_ready(to_global({"x": np.zeros((128, 16, 16, 1), np.float32)}, bsh))
+jax.block_until_ready(to_global({"x": np.zeros((128, 16, 16, 1), np.float32)}, bsh, 128))
 t0 = time.perf_counter()
 if mode == "mmap":
   source = load_source(data_config("npy", path=path), "train")
@@ -48,7 +48,7 @@ else:  # the former path, as it was
   x = np.ascontiguousarray((x - (lo + hi) / 2) / ((hi - lo) / 2), np.float32)
   idx = np.random.default_rng([0, 0]).permutation(len(x))[:128]
   batch = {"x": x[idx]}
-jax.block_until_ready(to_global(batch, bsh))
+jax.block_until_ready(to_global(batch, bsh, 128))
 seconds = time.perf_counter() - t0
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print("RESULT", seconds, int(hwm) * 1024)

@@ -121,7 +121,7 @@ def test_labels_are_sharded_with_the_batch():
   mesh = mesh_lib.make_mesh(MeshConfig(), jax.devices())
   sharding = mesh_lib.batch_sharding(mesh)
   batch = BatchLoader(load_source(data_config("digits"), "train"), 16, seed=0).batch(0)
-  out = to_global(batch, sharding)
+  out = to_global(batch, sharding, 16)
   assert out["label"].dtype == np.int32 and out["label"].sharding == sharding
   assert out["x"].sharding == sharding
   for shard in out["label"].addressable_shards:   # each device holds its examples' labels
