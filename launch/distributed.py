@@ -161,9 +161,13 @@ def start(args) -> None:
   (whose preemption notifier a single process needs too). Once per process."""
   from scaler import checkpoint_preemption
 
+  given = any(getattr(args, n, None) is not None
+              for n in ("coordinator", "num_processes", "process_id"))
+  if checkpoint_preemption.runtime_started() and not given:
+    return   # a Ray host, or a second call: the environment need not be read again
+  this = job(args)   # flags are checked, and compared with the environment, in any case
   if checkpoint_preemption.runtime_started():
     return
-  this = job(args)
   if this is None:
     checkpoint_preemption.start_runtime()
     return
