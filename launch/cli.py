@@ -5,6 +5,7 @@
     scaler sample runs/x --num 1000 --out samples.png
     scaler layout CONFIG --devices 8
     scaler train CONFIG --hosts 2 --devices-per-host 2   # N host processes through Ray
+    srun -n 4 scaler train CONFIG                        # one of N processes, without Ray
 
 jax is imported only after the arguments are read: the number of simulated devices has
 to be set before jax starts.
@@ -56,6 +57,12 @@ def _parser():
   t.add_argument("--debug", action="store_true",
                  help="one process on simulated CPU devices, NaN/Inf checked every step")
   t.add_argument("--devices", type=int, help="simulated devices with --debug (default 8)")
+  j = t.add_argument_group("multi-host without Ray (default: from SLURM, Open MPI or a "
+                           "Cloud TPU VM's environment, as JAX detects it; see launch/README.md)")
+  j.add_argument("--coordinator", metavar="ADDR:PORT",
+                 help="process 0's address and a free port on it; every process gives the same")
+  j.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+  j.add_argument("--process-id", type=int, metavar="I", help="this process, in [0, N)")
   h = t.add_argument_group("multi-host (through Ray; see launch/README.md)")
   h.add_argument("--hosts", type=int, help="host processes, one per placement-group bundle")
   h.add_argument("--devices-per-host", type=int, help="accelerators per host (default: a "
@@ -153,16 +160,17 @@ def _parse(argv):
 def main(argv=None) -> None:
   args = _parse(argv)
   multi_host = args.command == "train" and args.hosts is not None
-  one_process_train = args.command == "train" and not multi_host
-  if one_process_train:
+  # Training in this process: alone, or as one process of a job started without Ray.
+  train_here = args.command == "train" and not multi_host
+  if train_here:
     early_sigterm.install()   # until JAX's notifier exists, a SIGTERM is only recorded
   try:
-    _run(args, multi_host, one_process_train)
+    _run(args, multi_host, train_here)
   finally:
     early_sigterm.release()
 
 
-def _run(args, multi_host: bool, one_process_train: bool) -> None:
+def _run(args, multi_host: bool, train_here: bool) -> None:
   configure_logging()
   if args.command == "train" and args.devices is not None and not args.debug:
     _fail(f"--devices {args.devices} simulates CPU devices and needs --debug; without it "
@@ -184,8 +192,10 @@ def _run(args, multi_host: bool, one_process_train: bool) -> None:
     from launch import data_commands as commands
   else:
     from launch import commands
-  if one_process_train:
-    _preempted_at_start_up()
+  if train_here:
+    _preempted_at_start_up(args)
+  elif args.command == "train":
+    _check_distributed(args)
   try:
     code = getattr(commands, {"list": "show_list"}.get(args.command, args.command))(args)
   except UserError as e:
@@ -196,14 +206,30 @@ def _run(args, multi_host: bool, one_process_train: bool) -> None:
   sys.exit(code or 0)
 
 
-def _preempted_at_start_up() -> None:
-  """Starts JAX's runtime (and its SIGTERM notifier); exits 42 if a SIGTERM came first.
+def _check_distributed(args) -> None:
+  from launch import distributed
+  from scaler.errors import UserError
+  try:
+    distributed.job(args)
+  except UserError as e:
+    _fail(str(e))
+
+
+def _preempted_at_start_up(args) -> None:
+  """Starts JAX's runtime (and its SIGTERM notifier): this process alone, or joining the
+  job of the flags or the environment (launch/distributed.py); exits 42 if a SIGTERM came
+  first.
 
   `commands.train` starts the runtime too; here it is started a step earlier, so that
   the hand-over from `early_sigterm` to JAX's notifier happens in one place.
   """
+  from launch import distributed
   from scaler import checkpoint_preemption
-  checkpoint_preemption.start_runtime()
+  from scaler.errors import UserError
+  try:
+    distributed.start(args)
+  except UserError as e:
+    _fail(str(e))
   if early_sigterm.hand_over(checkpoint_preemption.notifier_installed()):
     print("scaler: preempted during start-up (SIGTERM before training began); nothing "
           "to save; run the same command again to resume", flush=True)

@@ -51,20 +51,24 @@ def _save_on_interrupt() -> None:
 
 
 def train(args) -> int:
+  from launch import distributed
   from scaler import checkpoint_preemption
+  from scaler import goodput
   from scaler.train import Preempted, train as run_training
 
   cfg, run_dir = train_config(args)
-  # Before anything starts the backend: a one-process distributed runtime, so that
-  # JAX's preemption notifier sees SIGTERM (a multi-host launch has started its own).
-  checkpoint_preemption.start_runtime()
+  # Before anything starts the backend: the job's distributed runtime (the flags' or the
+  # environment's), or a one-process one, so that JAX's preemption notifier sees SIGTERM.
+  # A no-op where the CLI or a Ray host has started it already.
+  distributed.start(args)
   checkpoint_preemption.forward_signal(cfg.checkpoint.preemption_signal)
   if checkpoint_preemption.runtime_started():
     _save_on_interrupt()
   try:
     final = run_training(cfg, run_dir, resume_from=args.resume_from,
                          check_finite_every=1 if args.debug else None,
-                         allow_config_change=args.allow_config_change)
+                         allow_config_change=args.allow_config_change,
+                         started_at=goodput.process_start())
   except Preempted as e:
     print(f"scaler: {e}")
     return EXIT_PREEMPTED

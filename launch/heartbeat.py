@@ -8,6 +8,10 @@ keep writing and stop stepping, so "silent" tells the frozen host from the stuck
 
     heartbeat.start(path)     # in the host process, first thing
     heartbeat.read(path, pid) # in the actor: step, seconds since it, seconds of silence
+
+Each beat also carries the host's current allowance without a step (`allow_s`, what it
+is doing: restoring, compiling, ...; see scaler/progress.py), so that the driver gives a
+silent host as long as the host's own watchdog gives it.
 """
 
 import json
@@ -19,17 +23,21 @@ import time
 PERIOD_S = 0.5
 
 
-def _last_step() -> tuple[int, float]:
-  """(step, wall time it was reached), once the train loop's progress module is loaded.
+def _last_step() -> tuple[int, float, dict]:
+  """(step, wall time it was reached, the allowance), once the train loop's progress
+  module is loaded.
 
   Looked up, never imported here: importing scaler takes seconds and, from this thread,
   would race the main thread's imports.
   """
-  last = getattr(sys.modules.get("scaler.progress"), "last", None)  # None mid-import too
-  if last is None:
-    return -1, time.time()
+  progress = sys.modules.get("scaler.progress")
+  last = getattr(progress, "last", None)            # None mid-import too
+  allowance = getattr(progress, "allowance", None)
+  if last is None or allowance is None:
+    return -1, time.time(), {}
   step, since = last()
-  return step, time.time() - (time.monotonic() - since)
+  allow_s, what = allowance()
+  return step, time.time() - (time.monotonic() - since), {"allow_s": allow_s, "doing": what}
 
 
 def start(path: str) -> threading.Thread:
@@ -39,10 +47,10 @@ def start(path: str) -> threading.Thread:
     tmp = f"{path}.tmp"
     while True:
       try:
-        step, at = _last_step()
+        step, at, allowed = _last_step()
         with open(tmp, "w") as f:
           json.dump({"step": step, "step_at": at if step >= 0 else started,
-                     "written_at": time.time()}, f)
+                     "written_at": time.time(), **allowed}, f)
         os.replace(tmp, path)    # whole files only: the reader never sees half of one
       except Exception:  # noqa: BLE001, S110 - a beat missed (a full disk) must not end the beats
         pass
@@ -71,4 +79,5 @@ def read(path: str, pid: int, started: float) -> dict:
   except (OSError, ValueError):
     beat = {"step": -1, "step_at": started, "written_at": started}
   return {"step": beat["step"], "step_age_s": now - beat["step_at"],
-          "silent_s": now - beat["written_at"], "state": _state(pid)}
+          "silent_s": now - beat["written_at"], "state": _state(pid),
+          "allow_s": beat.get("allow_s"), "doing": beat.get("doing")}

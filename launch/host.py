@@ -76,12 +76,19 @@ def _progress():
   return progress
 
 
-def _on_stall(status_file, stall_s):
-  def on_stall(step, idle):
-    where = f"after step {step}" if step >= 0 else "before the first step"
-    print(f"watchdog: no step for {idle:.0f} s {where}; Python stacks follow", file=sys.stderr)
+_DOING = {"restore": "while restoring the checkpoint", "compile": "while compiling the step",
+          "starting": "before the first step", "finishing": "after the last step"}
+
+
+def _on_stall(status_file):
+  def on_stall(step, idle, what):
+    where = _DOING.get(what, f"after step {step}" if step >= 0 else f"while in {what}")
+    allowed, _ = _progress().allowance()
+    print(f"watchdog: no step for {idle:.0f} s {where} (allowed {allowed:.0f} s); Python "
+          "stacks follow", file=sys.stderr)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    _report(status_file, EXIT_STALLED, "stalled", f"stalled: no step for {idle:.0f} s {where}")
+    _report(status_file, EXIT_STALLED, "stalled", f"stalled: no step for {idle:.0f} s {where} "
+            f"(allowed {allowed:.0f} s)")
   return on_stall
 
 
@@ -125,17 +132,13 @@ def _inject_fault(rank: int, attempt: int) -> None:
 
 
 def _init_distributed(a) -> None:
-  import jax
+  from launch import distributed
 
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-      coordinator_address=a.coordinator, num_processes=a.hosts, process_id=a.rank,
-      # Bind to the node's own address (127.0.0.1 locally), never all interfaces.
-      coordinator_bind_address=a.coordinator if a.rank == 0 else None,
-      # Stale SLURM/OMPI/TPU variables must not override what the launcher decided.
-      cluster_detection_method="deactivate",
-      initialization_timeout=a.init_timeout, heartbeat_timeout_seconds=HEARTBEAT_S,
-      shutdown_timeout_seconds=SHUTDOWN_S)
+  # Bound to the node's own address (127.0.0.1 locally), never all interfaces; stale
+  # SLURM/OMPI/TPU variables cannot override what the launcher decided.
+  distributed.initialize(a.coordinator, a.hosts, a.rank, bind=a.coordinator,
+                         init_timeout=a.init_timeout, heartbeat_timeout=HEARTBEAT_S,
+                         shutdown_timeout=SHUTDOWN_S)
 
 
 def _exit_if_preempted_at_start_up(status_file, jax_took_over: bool) -> None:
@@ -183,8 +186,10 @@ def main(argv=None) -> None:
     # The driver has checked the run directory once; without this, a slow host would see
     # host 0's fresh config.yaml, no checkpoints yet, and refuse the run directory.
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-  _progress().watch(a.stall_timeout, _on_stall(a.status_file, a.stall_timeout),
-                    final_step=cfg.train.steps)
+  progress = _progress()
+  # Restore and compile announce allowances of their own (scaler/progress.py).
+  progress.watch(a.stall_timeout, _on_stall(a.status_file),
+                 slow_s=max(progress.SLOW_S, a.stall_timeout), final_step=cfg.train.steps)
   try:
     code = commands.train(args)
   except UserError as e:

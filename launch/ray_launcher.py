@@ -32,7 +32,7 @@ ACTOR_START_S = 120       # actors (worker processes) up, or the node is taken a
 HOST_ANSWER_S = 30        # an actor that stays silent this long is taken as lost
 PREEMPT_GRACE_S = 60      # peers finish their coordinated save after the first one exits
 SETTLE_S = 1.5            # after a first failure, how long peers may still report theirs
-SLOW_S = 600              # before the first step (compile, restore), as the host's watchdog
+SLOW_S = 600              # before the first step, until the host reports its allowance
 STOPPED_S = 2.0           # a host the kernel reports stopped (SIGSTOP), silent this long
 SILENT_S = 3.0            # once peers stall, a host silent this long is the frozen one
 
@@ -217,8 +217,9 @@ class Attempt:
     for rank, beat in enumerate(self.beats):
       if self.ended[rank] is not None or beat is None:
         continue
-      limit = self.args.stall_timeout if beat["step"] >= 0 else max(SLOW_S,
-                                                                    self.args.stall_timeout)
+      # As long as the host's own watchdog allows it now (restoring, compiling, ...).
+      allowed = beat.get("allow_s") or (SLOW_S if beat["step"] < 0 else 0)
+      limit = max(self.args.stall_timeout, allowed)
       stopped = beat["state"] == "T"
       if (beat["silent_s"] > limit or (stopped and beat["silent_s"] > STOPPED_S)
           or (silent_s is not None and beat["silent_s"] > silent_s)):

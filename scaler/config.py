@@ -75,11 +75,26 @@ class Named:
 
 # --- sections owned by the core ---
 
+def _dcn_axes(dcn):
+  """mesh.dcn: {axis: slices}, the part of an axis's size that spans slices (TPU
+  multi-slice) or processes (GPU nodes); checked against the devices in scaler/mesh.py."""
+  for axis, size in dcn.items():
+    if axis not in ("data", "fsdp", "tensor"):
+      return f"names an unknown axis {axis!r}; axes: data, fsdp, tensor"
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      return f"gives {axis}={size!r}: each a positive integer, the slices that axis spans"
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int = -1     # -1 takes the devices the other axes leave
   fsdp: int = 1
   tensor: int = 1
+  # {axis: N}: N of the axis's size spans slices (DCN), the rest lies within one (ICI).
+  # Left out of the resolved config when empty, so that older runs keep their hash.
+  dcn: dict = dataclasses.field(default_factory=dict,
+                                metadata={"check": _dcn_axes, "quiet_default": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +164,8 @@ def _plain(value, key="name"):
   if dataclasses.is_dataclass(value):
     out = {}
     for f in dataclasses.fields(value):
+      if f.metadata.get("quiet_default") and getattr(value, f.name) == f.default_factory():
+        continue
       out[f.name] = _plain(getattr(value, f.name), f.metadata.get("key", "name"))
     return out
   if isinstance(value, tuple):

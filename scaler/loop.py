@@ -53,6 +53,7 @@ class Loop:
     cfg = run.exp.cfg
     self.run_dir, self.ckpt, self.compiled = run.run_dir, ckpt, compiled
     self.loader, self.train_key, self.sharding = loader, train_key, run.batch_sharding
+    self.goodput = run.goodput   # timestamps around the calls below (scaler/goodput.py)
     self.tcfg, self.every = cfg.train, cfg.checkpoint.every
     # 0: finiteness is checked at log and save steps only; --debug checks every step.
     self.check_every = check_every or cfg.train.log_every
@@ -79,10 +80,13 @@ class Loop:
     in_flight = collections.deque()
     last = {}
     t0, t0_step = time.perf_counter(), start
+    gp = self.goodput
+    gp.loop()
     try:
       for step in range(start, end):
         if step > start:
-          batch = to_global(next(batches), self.sharding, tcfg.batch_size)
+          with gp.during("data_wait"):
+            batch = to_global(next(batches), self.sharding, tcfg.batch_size)
         state, metrics = self.compiled(state, batch, self.train_key)
         in_flight.append(metrics)
         if len(in_flight) > tcfg.max_in_flight:
@@ -104,13 +108,17 @@ class Loop:
             last = {"step": done, **{k: float(v) for k, v in values.items()}}
             t0, t0_step = time.perf_counter(), done
         writer.advance(1)
+        gp.step(done)
         progress.beat(done)
         if save:
-          self.ckpt.save(done, state, {**self.loader.get_state(), "step": done}, force=True)
+          with gp.during("checkpoint_save"):
+            self.ckpt.save(done, state, {**self.loader.get_state(), "step": done}, force=True)
         if preempted:
-          self.ckpt.wait()
+          with gp.during("checkpoint_save"):
+            self.ckpt.wait()
           raise Preempted(done)
-      self.ckpt.wait()
+      with gp.during("checkpoint_save"):
+        self.ckpt.wait()
     finally:
       writer.close()
     return state, last

@@ -40,12 +40,49 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(cfg, len(devices))
+  if cfg.dcn:
+    return Mesh(hybrid_grid(shape, cfg.dcn, devices), AXES)
   try:
     # Topology-aware order on GPU/TPU; on CPU it is the plain order.
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, AssertionError, NotImplementedError):
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, AXES)
+
+
+def hybrid_grid(shape: tuple[int, ...], dcn: dict, devices) -> np.ndarray:
+  """The devices for a mesh of `shape` whose axes span `dcn[axis]` slices each.
+
+  A slice is a TPU slice (its devices' `slice_index`), else a process (GPU nodes, and
+  CPU processes in tests). Each axis's size is dcn x ici: the slices' grid times one slice's
+  devices, laid out by JAX's hybrid mesh helper so that only the dcn part of an axis
+  crosses the slower network.
+  """
+  outer = tuple(dcn.get(a, 1) for a in AXES)
+  for axis, size, n in zip(AXES, shape, outer):
+    if size % n:
+      raise UserError(f"mesh.dcn.{axis}={n} does not divide mesh.{axis}={size}: an axis's "
+                      "size is its slices (dcn) times the devices within one")
+  by_slice = devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+  unit, units = ("slice", "slices") if by_slice else ("process", "processes")
+  granules = {}
+  for d in devices:
+    granules.setdefault(d.slice_index if by_slice else d.process_index, []).append(d)
+  if math.prod(outer) != len(granules):
+    raise UserError(
+        f"mesh.dcn: {' x '.join(f'{a}={n}' for a, n in zip(AXES, outer))} = "
+        f"{math.prod(outer)} {units}, but the {len(devices)} devices are in "
+        f"{len(granules)} {units if len(granules) > 1 else unit}; the dcn sizes must multiply "
+        f"to the {unit} count")
+  inner = tuple(size // n for size, n in zip(shape, outer))
+  sizes = sorted({len(g) for g in granules.values()})
+  if sizes != [math.prod(inner)]:
+    raise UserError(
+        f"mesh.dcn: each {unit} would hold {' x '.join(map(str, inner))} = "
+        f"{math.prod(inner)} devices of the mesh, but they hold "
+        f"{', '.join(map(str, sizes))}")
+  return mesh_utils.create_hybrid_device_mesh(inner, outer, devices,
+                                              process_is_granule=not by_slice)
 
 
 def batch_shards(mesh: Mesh) -> int:

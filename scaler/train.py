@@ -19,8 +19,10 @@ from jax.experimental import multihost_utils
 import scaler
 from scaler import config as config_lib
 from scaler import experiment as experiment_lib
+from scaler import goodput as goodput_lib
 from scaler import mesh as mesh_lib
 from scaler import plots
+from scaler import progress
 from scaler import rng as rng_lib
 from scaler import run_dir as run_dir_lib
 from scaler import state as state_lib
@@ -42,9 +44,11 @@ class Run:
   train_source: object
   batch_sharding: jax.sharding.NamedSharding
   rows: tuple[int, int]      # this process's rows of every global batch
+  goodput: goodput_lib.Recorder = dataclasses.field(default_factory=goodput_lib.off)
 
 
-def setup(cfg: config_lib.Config, run_dir, devices=None) -> Run:
+def setup(cfg: config_lib.Config, run_dir, devices=None,
+          goodput: goodput_lib.Recorder | None = None) -> Run:
   """Stage 1: data, mesh, family, shardings; every check that needs no compile."""
   jax.config.update("jax_threefry_partitionable", True)  # numbers independent of the mesh
   # A run normalises with the statistics it started with, saved in its directory.
@@ -53,7 +57,8 @@ def setup(cfg: config_lib.Config, run_dir, devices=None) -> Run:
   train_source = load_source(cfg.data, "train", spec=saved)
   exp = experiment_lib.build(cfg, devices, spec=train_source.spec)
   rows = mesh_lib.process_rows(exp.mesh, cfg.train.batch_size)
-  return Run(exp, Path(run_dir), train_source, mesh_lib.batch_sharding(exp.mesh), rows)
+  return Run(exp, Path(run_dir), train_source, mesh_lib.batch_sharding(exp.mesh), rows,
+             goodput or goodput_lib.off())
 
 
 def open_checkpoints(run: Run) -> Checkpointer:
@@ -106,7 +111,10 @@ def restore_or_init(run: Run, ckpt: Checkpointer, resume_from: int | None):
   loader = BatchLoader(run.train_source, tcfg.batch_size, seed=tcfg.seed, rows=run.rows,
                        prefetch=exp.cfg.data.prefetch)
   if ckpt.latest_step() is not None or resume_from is not None:
-    state, data_state, start = ckpt.restore(experiment_lib.abstract_target(exp), resume_from)
+    target = experiment_lib.abstract_target(exp)
+    progress.expect("restore", progress.restore_allowance(target))   # for the watchdog
+    with run.goodput.during("restore"):
+      state, data_state, start = ckpt.restore(target, resume_from)
     loader.set_state(data_state)
     log.info("resumed from step %d", start)
     return state, loader, start
@@ -172,7 +180,7 @@ def finish(run: Run, state, last: dict) -> None:
 
 def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = None,
           check_finite_every: int | None = None, devices=None, stop_at: int | None = None,
-          allow_config_change: bool = False) -> dict:
+          allow_config_change: bool = False, started_at: float | None = None) -> dict:
   """Trains `cfg` into `run_dir`; returns the last logged metrics.
 
   Everything that can refuse the start (config, data, mesh, the run directory's config
@@ -180,8 +188,10 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
   `train.steps` returns `{"step": S, "nothing_to_do": True}` and changes nothing.
   `stop_at` ends this run early at that step, with a save, as a preemption would; the
   schedule still runs to `train.steps`, so a later run resumes it exactly.
+  `started_at` (wall clock, default now) is where the goodput record's start-up begins.
   """
-  run = setup(cfg, run_dir, devices)
+  gp = goodput_lib.Recorder(run_dir, started_at, enabled=jax.process_index() == 0)
+  run = setup(cfg, run_dir, devices, gp)
   plan = run_dir_lib.plan(run.run_dir, cfg, allow_config_change=allow_config_change,
                           resume_from=resume_from)
   if plan.finished and resume_from is None:
@@ -189,7 +199,7 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
              cfg.train.steps)
     return {"step": plan.latest_step, "nothing_to_do": True}
   _barrier("scaler_run_dir_checked")   # every process has read the directory as it was
-  with run_dir_lib.Lock(run.run_dir, enabled=jax.process_index() == 0):
+  with run_dir_lib.Lock(run.run_dir, enabled=jax.process_index() == 0), gp.attempt():
     ckpt = open_checkpoints(run)
     try:
       state, loader, start = restore_or_init(run, ckpt, resume_from)
@@ -198,9 +208,13 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
         # with the spec, sampling and evaluation never need the training data.
         plan.commit()
         save_spec(run.train_source.spec, run.run_dir / DATA_SPEC)
+      gp.begin(start)
       banner(run, state, start)
       batches = iter(loader)
-      first = to_global(next(batches), run.batch_sharding, cfg.train.batch_size)
+      with gp.during("data_wait"):
+        first = to_global(next(batches), run.batch_sharding, cfg.train.batch_size)
+      gp.phase("compile")
+      progress.expect("compile", progress.compile_allowance(gp.previous("compile")))
       if start == 0:
         state = data_init(run, state, first)
       _, shardings = experiment_lib.abstract_shardings(run.exp)
@@ -215,5 +229,6 @@ def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = No
     finally:
       ckpt.close()
     if end == cfg.train.steps:
+      gp.phase("final")
       finish(run, state, last)
   return last
