@@ -52,6 +52,9 @@ def _parser():
   s.add_argument("--out", required=True, help=".npz (array 'samples') or .png")
   s.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--label", type=int, help="class of every sample (class-conditional runs)")
+  s.add_argument("--guidance", type=float, help="classifier-free guidance scale w "
+                 "(default: the run's family.condition.guidance_scale)")
 
   lay = sub.add_parser("layout", help="parameter shardings and step memory, no training")
   lay.add_argument("config")
