@@ -168,13 +168,11 @@ class DiT(nnx.Module):
     kw = dict(precision=precision, rngs=rngs)
     # The patch values (P*P*C) are never sharded: they have no role.
     self.patch = layers.dense(p * p * c, width, None, "embed", kernel_init=_xavier, **kw)
-    self.pos = None
-    if cfg.pos == "learned":
-      tokens = (h // p) * (w // p)
-      init = nnx.initializers.normal(0.02)
-      self.pos = nnx.Param(init(rngs.params(), (tokens, width), precision.params),
-                           **layers.roles(None, "embed"))
     normal = nnx.initializers.normal(0.02)
+    tokens = (h // p) * (w // p)
+    self.pos = (nnx.Param(normal(rngs.params(), (tokens, width), precision.params),
+                          **layers.roles(None, "embed"))
+                if cfg.pos == "learned" else None)
     self.time1 = layers.dense(TIME_FEATURES, width, None, "embed", kernel_init=normal, **kw)
     self.time2 = layers.dense(width, width, "embed", None, kernel_init=normal, **kw)
     self.label = layers.label_embed(num_classes, width, "embed", **kw)
