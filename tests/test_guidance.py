@@ -77,14 +77,17 @@ def test_one_batched_network_call_per_step(denoiser):
   calls = []
 
   def counting(x, t_B, y_B):
-    calls.append((x.shape[0], tuple(np.asarray(y_B))))   # traced once per call site
+    calls.append((x.shape[0], y_B))   # under jit: once per call site in the traced program
     return nnx.merge(graphdef, params, rest)(x, t_B, y_B)
 
   jax.jit(lambda: fam.sample({"denoiser": counting}, jax.random.key(0), 3, label=7,
                              guidance=3.0))()
-  # The scan over the 5 DDIM steps traces its body once: one call, conditional rows then
-  # the null label's, all in one batch.
-  assert calls == [(6, (7, 7, 7, NULL, NULL, NULL))], calls
+  # The scan over the 5 DDIM steps traces its body once: one call, of 2 x 3 rows.
+  assert [rows for rows, _ in calls] == [6], calls
+  # Those rows: the conditional ones, then the null label's (checked eagerly, by value).
+  calls.clear()
+  fam._sampling_denoiser(counting, 3, 7, 3.0)(jnp.zeros((3, 8, 8, 1)), jnp.full((3,), 50))
+  np.testing.assert_array_equal(calls[0][1], [7, 7, 7, NULL, NULL, NULL])
 
 
 def test_label_dropout_replaces_labels_with_the_null_label_at_its_rate():
@@ -129,3 +132,44 @@ def test_sample_label_and_guidance_from_the_command_line(runs, tmp_path, capsys)
   expect_user_error(capsys, ["sample", str(runs / "mlp"), "--guidance", "2", "--out",
                              str(tmp_path / "b.npz")], "--guidance", "unconditional")
   assert not (tmp_path / "a.npz").exists() and not (tmp_path / "b.npz").exists()
+
+
+# --- labels from user files --------------------------------------------------------------
+
+
+def test_npz_label_key_and_image_folder_classes_give_labels(tmp_path):
+  from PIL import Image
+
+  from scaler.data import data_config, load_source
+  rng = np.random.default_rng(0)
+  x, y = rng.uniform(0, 255, (40, 4, 4, 3)), np.arange(40) % 3
+  np.savez(tmp_path / "d.npz", images=x, classes=y)
+  train_split = load_source(data_config("npz", path=str(tmp_path / "d.npz"),
+                                        label_key="classes"), "train")
+  assert train_split.spec.num_classes == 3 and train_split.label.dtype == np.int32
+  # The labels are split with their examples.
+  raw = train_split.spec.denormalize(train_split.x)
+  for row, label in zip(raw[:5], train_split.label[:5]):
+    (i,) = np.flatnonzero(np.all(np.isclose(x, row, atol=1e-3), axis=(1, 2, 3)))
+    assert y[i] == label
+  for cls in ("cat", "ant"):
+    (tmp_path / "imgs" / cls).mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(np.full((4, 4), 50 * i, np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+  folder = data_config("image_folder", path=str(tmp_path / "imgs"), classes=True)
+  both = [load_source(folder, s) for s in ("train", "test")]
+  assert both[0].spec.num_classes == 2   # ant 0, cat 1
+  assert sorted(np.concatenate([s.label for s in both]).tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("labels, words", [
+    (np.arange(39), ["40 integer classes", "(39,)"]),
+    (np.linspace(0, 1, 40), ["integer classes", "float64"]),
+])
+def test_bad_label_arrays_are_refused(tmp_path, labels, words):
+  from scaler.data import data_config, load_source
+  np.savez(tmp_path / "d.npz", images=np.zeros((40, 3)), classes=labels)
+  with pytest.raises(UserError) as e:
+    load_source(data_config("npz", path=str(tmp_path / "d.npz"), label_key="classes"), "train")
+  for w in words:
+    assert w in str(e.value)

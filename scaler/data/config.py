@@ -50,6 +50,7 @@ class ImageFolderConfig:
   path: str | None = None
   image_size: int = param(0, at_least(0))   # 0 keeps the stored size
   grayscale: bool = True                     # one channel, else RGB
+  classes: bool = False                      # labels from first-level subfolders, sorted
   seed: int = 0
   prefetch: int = param(2, at_least(0))
 

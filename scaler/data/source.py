@@ -51,16 +51,17 @@ def _raw(data: Named, split: str):
   if source == "digits":
     return digits_lib.digits(split)
   if source == "npy":
-    x = files.load_npy(cfg.path)
+    x, y = files.load_npy(cfg.path), None
   elif source == "npz":
-    x = files.load_npz(cfg.path, cfg.key)
+    x, y = files.load_npz(cfg.path, cfg.key, cfg.label_key)
   else:
-    x = files.load_image_folder(cfg.path, cfg.image_size, cfg.grayscale)
+    x, y = files.load_image_folder(cfg.path, cfg.image_size, cfg.grayscale, cfg.classes)
   if x.ndim < 2 or not np.issubdtype(x.dtype, np.number) or len(x) < 2:
     raise UserError(
         f"data file {cfg.path}: expected a numeric array of shape (N, ...) with N >= 2, "
         f"got {x.dtype} {x.shape}")
-  return files.split(x.astype(np.float32), split, cfg.seed), None
+  return (files.split(x.astype(np.float32), split, cfg.seed),
+          None if y is None else files.split(y, split, cfg.seed))
 
 
 def _spec(x_train: np.ndarray, label_train) -> DataSpec:
