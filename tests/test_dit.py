@@ -160,13 +160,13 @@ def test_fsdp_tensor_splits_heads_and_mlp_over_tensor_and_embed_over_fsdp():
     (["family.condition.label_dropout=1.0"], ["family.condition.label_dropout", "[0, 1)"]),
     (["family.condition.label_dropout=-0.1"], ["family.condition.label_dropout", "[0, 1)"]),
     (["family.condition.guidance_scale=-1"], ["family.condition.guidance_scale", "at least 0"]),
-    (["--config", "tiny_diffusion.yaml", "family.condition=class"],
-     ["family.condition=class", "classes"]),
+    (["--config", "tiny_diffusion.yaml", "data.source=swiss_roll", "family.condition=class"],
+     ["family.condition=class", "classes", "none"]),
     (["model.remat=everything"], ["model.remat", "none, block, dots_saveable"]),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, overrides, words):
   config = TINY_DIT
-  if overrides[0] == "--config":   # the two moons have no classes to condition on
+  if overrides[0] == "--config":   # the swiss roll has no classes to condition on
     config, overrides = str(ROOT / "configs" / overrides[1]), overrides[2:]
   expect_user_error(capsys, ["train", config, *overrides, "--run-dir", str(tmp_path / "r")],
                     *words)

@@ -112,8 +112,9 @@ class DiffusionFamily(FamilyDefaults):
     # Labels 0..K-1 from the data; K is the null label.
     self.num_classes = spec.num_classes if cfg.condition.name == "class" else 0
     if cfg.condition.name == "class" and not spec.num_classes:
-      raise UserError("family.condition=class needs data with classes (digits, or npz with "
-                      "data.label_key); this data has none: use condition: none")
+      raise UserError("family.condition=class needs data with classes (digits, two_moons, "
+                      "eight_gaussians, npz with data.label_key, image_folder, array_record); "
+                      "this data has none: use condition: none")
     self.schedule = schedules.make(cfg.schedule, cfg.num_timesteps)
     # Images are normalised to [-1, 1], so a predicted x_0 outside it is plain error;
     # standardised vectors have no such bound and clipping them would cut the tails.
