@@ -1,5 +1,6 @@
 """What each `scaler` subcommand does; argument parsing stays in cli.py."""
 
+import itertools
 import math
 from pathlib import Path
 
@@ -147,9 +148,12 @@ def sample(args) -> int:
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
+  kw = {k: v for k, v in (("label", args.label), ("guidance", args.guidance)) if v is not None}
   sizes = [min(args.chunk, args.num - i) for i in range(0, args.num, args.chunk)]
-  chunks = (exp.spec.denormalize(draw_samples(exp, state, n, seed=args.seed, chunk=i))
+  chunks = (exp.spec.denormalize(draw_samples(exp, state, n, seed=args.seed, chunk=i, **kw))
             for i, n in enumerate(sizes))
+  # The first chunk before any file: a bad --label or --guidance is refused with nothing written.
+  chunks = itertools.chain([next(chunks)], chunks)
   bar = tqdm(total=args.num, desc="sample", unit="sample", disable=len(sizes) == 1)
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".npz":

@@ -8,7 +8,8 @@ Precision: every helper takes the run's `Precision` as a required keyword, so a 
 cannot forget it. Parameters (and so the optimizer state) are stored in
 `precision.params` (float32: master weights); matmuls and convolutions run in
 `precision.compute` (bfloat16 on accelerators). Normalisation statistics are computed in
-float32 by flax whatever the compute dtype. A network casts its inputs with
+float32 by flax whatever the compute dtype, and `attention` takes its softmax in float32.
+A network casts its inputs with
 `precision.cast` on entry and returns `precision.output(y)` (float32), so losses,
 softmaxes over outputs and reductions in the families are float32 without any cast there.
 
@@ -67,6 +68,31 @@ def dense(in_features, out_features, in_role, out_role, *, precision: Precision,
       bias_metadata=roles(out_role), **kw)
 
 
+def dense_general(in_features, out_features, in_roles, out_roles, *, precision: Precision,
+                  rngs, axis=-1, **kw):
+  """A LinearGeneral over several dimensions: kernel `(*in_roles, *out_roles)`.
+
+  Attention names heads and head width as separate dimensions, so the rules can split
+  heads over `tensor` and leave each head whole: `in_features=E, out_features=(3, A, K)`
+  with roles `("embed",)`, `(None, "heads", "kv")` is a fused q/k/v projection.
+  """
+  return nnx.LinearGeneral(
+      in_features, out_features, axis=axis, rngs=rngs,
+      dtype=precision.compute, param_dtype=precision.params,
+      kernel_metadata=roles(*in_roles, *out_roles),
+      bias_metadata=roles(*out_roles), **kw)
+
+
+def attention(q_BxTxAxK, k_BxSxAxK, v_BxSxAxK):
+  """Multi-head attention, (B, T, A, K) -> (B, T, A, K), in the inputs' dtype.
+
+  jax.nn.dot_product_attention takes the logits and the softmax in float32 whatever the
+  inputs' dtype (bf16 logits lose the small differences the softmax exponentiates), and
+  picks cuDNN's fused kernel on GPUs that have it, XLA's einsums elsewhere.
+  """
+  return jax.nn.dot_product_attention(q_BxTxAxK, k_BxSxAxK, v_BxSxAxK)
+
+
 def conv(in_features, out_features, kernel_size, *, precision: Precision, rngs,
          in_role="conv_in", out_role="conv_out", **kw):
   """A Conv layer whose kernel is `(..spatial.., in_role, out_role)`."""
@@ -95,6 +121,25 @@ def embed(num_embeddings, features, num_role, feature_role, *, precision: Precis
   return nnx.Embed(
       num_embeddings, features, rngs=rngs, dtype=precision.compute,
       param_dtype=precision.params, embedding_metadata=roles(num_role, feature_role), **kw)
+
+
+def label_embed(num_classes, features, feature_role, *, precision: Precision, rngs):
+  """The class embedding of a conditional network: num_classes + 1 rows, the last one the
+  null label that classifier-free guidance trains and samples with; None when
+  `num_classes` is 0 (an unconditional network has no such parameter)."""
+  if not num_classes:
+    return None
+  return embed(num_classes + 1, features, None, feature_role, precision=precision, rngs=rngs,
+               embedding_init=nnx.initializers.normal(0.02))
+
+
+def add_label(label_embed, emb_BxT, y_B, num_classes):
+  """emb + the label's embedding; y_B None is the null label (unconditional)."""
+  if label_embed is None:
+    return emb_BxT
+  if y_B is None:
+    y_B = jnp.full(emb_BxT.shape[:1], num_classes, jnp.int32)
+  return emb_BxT + label_embed(y_B)
 
 
 def group_norm(num_features, num_groups, *, precision: Precision, rngs, role="conv_out",

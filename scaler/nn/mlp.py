@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaler.config import param, positive
+from scaler.config import one_of, param, positive
 from scaler.nn import layers
 from scaler.nn.layers import Precision
 
@@ -34,6 +34,7 @@ class MLPDenoiserConfig:
   depth: int = param(3, positive)      # residual blocks
   time_dim: int = param(64, positive)  # sinusoidal time features
   mlp_ratio: int = param(1, positive)  # block width = mlp_ratio * hidden (mlp)
+  remat: str = param("none", one_of(*layers.REMAT))  # activation checkpointing per block
 
 
 class Block(nnx.Module):
@@ -52,16 +53,20 @@ class Block(nnx.Module):
 
 
 class MLPDenoiser(nnx.Module):
-  """Predicts the noise in x_t from (x_t, t); any data shape, flattened to D."""
+  """Predicts the noise in x_t from (x_t, t) and, if conditional, a label; any data
+  shape, flattened to D. A label embedding (num_classes + 1 rows, the last the null
+  label) is added to the time embedding."""
 
   def __init__(self, cfg: MLPDenoiserConfig, data_shape: tuple[int, ...], *,
-               precision: Precision, rngs: nnx.Rngs):
+               num_classes: int = 0, precision: Precision, rngs: nnx.Rngs):
     self.cfg, self.data_shape, self.precision = cfg, tuple(data_shape), precision
+    self.num_classes = num_classes
     kw = dict(precision=precision, rngs=rngs)
     d = math.prod(self.data_shape)
     # The data dimension (2 for two moons) is never sharded: it has no role.
     self.inp = layers.dense(d, cfg.hidden, None, "embed", **kw)
     self.time = layers.dense(cfg.time_dim, cfg.time_dim, None, "time", **kw)
+    self.label = layers.label_embed(num_classes, cfg.time_dim, "time", **kw)
     self.blocks = nnx.List([
         Block(cfg.hidden, cfg.mlp_ratio * cfg.hidden, cfg.time_dim, **kw)
         for _ in range(cfg.depth)])
@@ -70,12 +75,14 @@ class MLPDenoiser(nnx.Module):
     self.out = layers.dense(cfg.hidden, d, "embed", None, **kw,
                             kernel_init=nnx.initializers.zeros_init())
 
-  def __call__(self, x, t_B):
+  def __call__(self, x, t_B, y_B=None):
     cast = self.precision.cast
     x_BxD = cast(x.reshape(x.shape[0], -1))
-    temb_BxT = jax.nn.silu(self.time(cast(timestep_embedding(t_B, self.cfg.time_dim))))
+    temb_BxT = self.time(cast(timestep_embedding(t_B, self.cfg.time_dim)))
+    temb_BxT = jax.nn.silu(layers.add_label(self.label, temb_BxT, y_B, self.num_classes))
     h_BxE = self.inp(x_BxD)
+    call = layers.checkpointed(self.cfg.remat)
     for block in self.blocks:
-      h_BxE = block(h_BxE, temb_BxT)
+      h_BxE = call(block, h_BxE, temb_BxT)
     eps_BxD = self.out(jax.nn.silu(self.norm(h_BxE)))
     return self.precision.output(eps_BxD).reshape(x.shape)

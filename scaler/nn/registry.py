@@ -1,9 +1,16 @@
-"""Networks by config name: name -> (config dataclass, module class)."""
+"""Networks by config name: name -> (config dataclass, module class).
 
+Every network is built as `cls(cfg, data_shape, num_classes=K, precision=..., rngs=...)`
+and called as `net(x, t_B)` or, when K > 0, `net(x, t_B, y_B)` with labels in 0..K
+(K is the null label of classifier-free guidance).
+"""
+
+from scaler.nn.dit import DiT, DiTConfig
 from scaler.nn.mlp import MLPDenoiser, MLPDenoiserConfig
 from scaler.nn.unet import UNet, UNetConfig
 
 NETWORKS = {
     "mlp_denoiser": (MLPDenoiserConfig, MLPDenoiser),
     "unet": (UNetConfig, UNet),
+    "dit": (DiTConfig, DiT),
 }

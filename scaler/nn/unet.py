@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaler.errors import UserError
-from scaler.config import param, positive
+from scaler.config import one_of, param, positive
 from scaler.nn import layers
 from scaler.nn.layers import Precision
 from scaler.nn.mlp import timestep_embedding
@@ -26,6 +26,7 @@ class UNetConfig:
   num_res_blocks: int = param(1, positive)   # residual blocks per level, down and up
   groups: int = param(8, positive)           # GroupNorm groups; must divide every channel count
   time_dim: int = param(64, positive)        # sinusoidal time features
+  remat: str = param("none", one_of(*layers.REMAT))  # activation checkpointing per ResBlock
 
 
 class ResBlock(nnx.Module):
@@ -74,17 +75,23 @@ def check_shape(cfg: UNetConfig, data_shape) -> None:
 
 
 class UNet(nnx.Module):
-  """Predicts the noise in an NHWC image x_t from (x_t, t)."""
+  """Predicts the noise in an NHWC image x_t from (x_t, t) and, if conditional, a label.
 
-  def __init__(self, cfg: UNetConfig, data_shape: tuple[int, ...], *,
+  A label embedding (num_classes + 1 rows, the last the null label) is added to the time
+  embedding, as in guided diffusion (Dhariwal & Nichol 2021).
+  """
+
+  def __init__(self, cfg: UNetConfig, data_shape: tuple[int, ...], *, num_classes: int = 0,
                precision: Precision, rngs: nnx.Rngs):
     check_shape(cfg, data_shape)
     self.cfg, self.data_shape, self.precision = cfg, tuple(data_shape), precision
+    self.num_classes = num_classes
     kw = dict(precision=precision, rngs=rngs)
     c = data_shape[-1]
     chans = [cfg.base * m for m in cfg.mults]
     last = len(chans) - 1
     self.time = layers.dense(cfg.time_dim, cfg.time_dim, None, "time", **kw)
+    self.label = layers.label_embed(num_classes, cfg.time_dim, "time", **kw)
     # The image channels (1 or 3) are never sharded: they have no role.
     self.conv_in = layers.conv(c, cfg.base, (3, 3), in_role=None, **kw)
     blocks = lambda c_in, c_out: nnx.List([
@@ -105,22 +112,24 @@ class UNet(nnx.Module):
     self.conv_out = layers.conv(chans[0], c, (3, 3), out_role=None, **kw,
                                 kernel_init=nnx.initializers.zeros_init())
 
-  def __call__(self, x_BxHxWxC, t_B):
+  def __call__(self, x_BxHxWxC, t_B, y_B=None):
     cast = self.precision.cast
-    temb_BxT = jax.nn.silu(self.time(cast(timestep_embedding(t_B, self.cfg.time_dim))))
+    temb_BxT = self.time(cast(timestep_embedding(t_B, self.cfg.time_dim)))
+    temb_BxT = jax.nn.silu(layers.add_label(self.label, temb_BxT, y_B, self.num_classes))
+    call = layers.checkpointed(self.cfg.remat)
     h = self.conv_in(cast(x_BxHxWxC))
     skips = []
     for i, level in enumerate(self.down):
       for block in level:
-        h = block(h, temb_BxT)
+        h = call(block, h, temb_BxT)
       skips.append(h)
       if i < len(self.downsample):
         h = self.downsample[i](h)
-    h = self.mid(h, temb_BxT)
+    h = call(self.mid, h, temb_BxT)
     for i in reversed(range(len(self.up))):
       if i < len(self.upsample):
         h = self.upsample[i](_upsample(h))
       h = jnp.concatenate([h, skips.pop()], axis=-1)
       for block in self.up[i]:
-        h = block(h, temb_BxT)
+        h = call(block, h, temb_BxT)
     return self.precision.output(self.conv_out(jax.nn.silu(self.norm_out(h))))
