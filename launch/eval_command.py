@@ -42,19 +42,22 @@ def run(args) -> int:
   check_args(args)
   run_dir = Path(args.run_dir)
   cfg = _fit_mesh(_load_run(run_dir))
+  spec_path = run_dir / DATA_SPEC
+  exp = experiment_lib.build(cfg, spec=read_spec(spec_path) if spec_path.exists() else None)
+  names = evaluate_lib.metric_names(exp)
+  if args.metrics == "likelihood" and not any(n in evaluate_lib.LIKELIHOOD for n in names):
+    raise UserError(f"--metrics likelihood: family {cfg.family.name} has no likelihood "
+                    f"(its held-out metrics: {', '.join(names) or 'none'}); use "
+                    "--metrics quality or all")
   ckpt_dir = cfg.checkpoint.directory or str(run_dir / "checkpoints")
+  missing = (f"no checkpoint to evaluate in {ckpt_dir} (no committed step there); train "
+             f"{run_dir} first")
+  if "://" not in ckpt_dir and not Path(ckpt_dir).is_dir():
+    raise UserError(missing)   # before the checkpointer, which would create the folder
   ckpt = Checkpointer(ckpt_dir, cfg.checkpoint, record={})
   try:
     if ckpt.latest_step() is None:
-      raise UserError(f"no checkpoint to evaluate in {ckpt_dir} (looked for committed "
-                      f"steps there); train {run_dir} first")
-    exp = experiment_lib.build(cfg, spec=read_spec(run_dir / DATA_SPEC))
-    names = evaluate_lib.metric_names(exp)
-    has_likelihood = any(n in evaluate_lib.LIKELIHOOD for n in names)
-    if args.metrics == "likelihood" and not has_likelihood:
-      raise UserError(f"--metrics likelihood: family {cfg.family.name} has no likelihood "
-                      f"(its held-out metrics: {', '.join(names) or 'none'}); use "
-                      "--metrics quality or all")
+      raise UserError(missing)
     source = load_source(cfg.data, args.split, spec=exp.spec)
     state, _, step = ckpt.restore(experiment_lib.abstract_target(exp), args.step)
   finally:
