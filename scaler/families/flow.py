@@ -51,6 +51,9 @@ class FlowFamily(FamilyDefaults):
     self.net_cls, self.net_cfg, self.precision = net_cls, net_cfg, precision
     self.data_shape = tuple(spec.shape)
     self.dims = math.prod(self.data_shape)
+    # The shape checks here, not only when the flow is built: build_family is where a
+    # config is checked, before anything is traced under eval_shape.
+    net_cls.check(net_cfg, self.data_shape)
     if spec.kind == "image":
       self.levels = discrete.Levels(spec, cfg.levels)
       self.units = self.levels.density_units

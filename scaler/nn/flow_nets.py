@@ -87,20 +87,25 @@ class RealNVP(nnx.Module):
   """
   needs_data_init = False
 
+  @staticmethod
+  def check(cfg: RealNVPConfig, data_shape) -> None:
+    if len(data_shape) == 1 and data_shape[0] < 2:
+      raise UserError("model realnvp needs at least 2 dimensions to split into halves; "
+                      "the data has 1: use maf")
+    if len(data_shape) != 1:
+      check_squeezable("realnvp", data_shape, cfg.scales)
+
   def __init__(self, cfg: RealNVPConfig, data_shape, *, precision: Precision, rngs):
+    self.check(cfg, data_shape)
     self.data_shape = tuple(data_shape)
     kw = dict(precision=precision, rngs=rngs)
     steps = []
     if len(data_shape) == 1:
       (d,) = data_shape
-      if d < 2:
-        raise UserError("model realnvp needs at least 2 dimensions to split into halves; "
-                        "the data has 1: use maf")
       for i in range(cfg.couplings):
         net = flows.MLPNet(d, 2 * d, cfg.hidden, cfg.depth, **kw)
         steps.append(flows.MaskedCoupling(net, (d,), "halves", i % 2, cfg.clamp))
     else:
-      check_squeezable("realnvp", data_shape, cfg.scales)
       h, w, c = data_shape
       for _ in range(cfg.scales):
         for i in range(cfg.couplings):
@@ -185,8 +190,12 @@ class Glow(nnx.Module):
   prior conditioned on the other half."""
   needs_data_init = True
 
-  def __init__(self, cfg: GlowConfig, data_shape, *, precision: Precision, rngs):
+  @staticmethod
+  def check(cfg: GlowConfig, data_shape) -> None:
     check_squeezable("glow", data_shape, cfg.scales)
+
+  def __init__(self, cfg: GlowConfig, data_shape, *, precision: Precision, rngs):
+    self.check(cfg, data_shape)
     self.cfg, self.data_shape = cfg, tuple(data_shape)
     h, w, c = data_shape
     scales, priors, self.split_shapes = [], [], []
@@ -254,6 +263,10 @@ class MAF(nnx.Module):
   order (the previous one reversed, or a fresh seeded permutation); any data shape,
   flattened to D."""
   needs_data_init = False
+
+  @staticmethod
+  def check(cfg: MAFConfig, data_shape) -> None:
+    pass   # any shape: MADE sees the flattened data
 
   def __init__(self, cfg: MAFConfig, data_shape, *, precision: Precision, rngs):
     self.data_shape = tuple(data_shape)
