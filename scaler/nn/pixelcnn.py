@@ -113,7 +113,13 @@ class PixelCNN(nnx.Module):
     b = tokens_BxS.shape[0]
     # The levels as values in [-1, 1]: nearby levels look alike to the first layer.
     x = tokens_BxS.reshape(b, *self.shape).astype(jnp.float32) * (2.0 / max(self.vocab - 1, 1)) - 1
-    h = self.inp(self.precision.cast(x))
+    return self.logits(x)
+
+  def logits(self, x_BxHxWxC):
+    """Logits (B, S, V) of the levels given as values in [-1, 1]: differentiable in its
+    input, so the tests can read the causal structure off the Jacobian."""
+    b = x_BxHxWxC.shape[0]
+    h = self.inp(self.precision.cast(x_BxHxWxC))
     call = layers.checkpointed(self.cfg.remat)
     for block in self.blocks:
       h = call(block, h)
