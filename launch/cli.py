@@ -89,6 +89,23 @@ def _parser():
   s.add_argument("--guidance", type=float, help="classifier-free guidance scale w "
                  "(default: the run's family.condition.guidance_scale)")
 
+  s.add_argument("--temperature", type=float, help="sampling temperature of flow and "
+                 "autoregressive runs (default: the run's family.temperature, or 1)")
+  s.add_argument("--top-k", type=int, help="autoregressive runs: draw each token from the k "
+                 "most likely (default: the run's family.top_k; 0: all)")
+
+  v = sub.add_parser("eval", help="held-out likelihood and sample quality of a trained run",
+                     formatter_class=fmt)
+  v.add_argument("run_dir", help="a run directory (scaler train's --run-dir)")
+  v.add_argument("--split", default="test", choices=("test", "train"), help="data split")
+  v.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  v.add_argument("--num", type=int, default=2000, help="held-out examples (at most the "
+                 "split's); num/2 samples are scored against held-out data")
+  v.add_argument("--metrics", default="all", choices=("all", "likelihood", "quality"),
+                 help="what to compute")
+  v.add_argument("--devices", type=int, help="simulated CPU devices, to evaluate a --debug "
+                 "run on its own mesh (default: this machine's devices)")
+
   lay = sub.add_parser("layout", help="state shardings and step memory, no training",
                        formatter_class=fmt)
   lay.add_argument("config", help="a YAML config")
@@ -183,7 +200,7 @@ def _run(args, multi_host: bool, train_here: bool) -> None:
     if devices < 1:
       _fail(f"--devices {devices}: needs at least 1")
     simulate_devices(devices)
-  elif args.command == "layout":
+  elif args.command == "layout" or (args.command == "eval" and args.devices is not None):
     if args.devices < 1:
       _fail(f"--devices {args.devices}: needs at least 1")
     simulate_devices(args.devices)
@@ -200,7 +217,8 @@ def _run(args, multi_host: bool, train_here: bool) -> None:
   elif args.command == "train":
     _check_distributed(args)
   try:
-    code = getattr(commands, {"list": "show_list"}.get(args.command, args.command))(args)
+    code = getattr(commands, {"list": "show_list", "eval": "evaluate"}.get(args.command,
+                                                                      args.command))(args)
   except UserError as e:
     _fail(str(e))
   except KeyboardInterrupt:

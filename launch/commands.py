@@ -143,12 +143,15 @@ def sample(args) -> int:
   # The run's saved data spec: sampling never opens the training data.
   spec_path = run_dir / DATA_SPEC
   exp = experiment_lib.build(cfg, spec=read_spec(spec_path) if spec_path.exists() else None)
+  kw = {k: v for k, v in (("label", args.label), ("guidance", args.guidance),
+                          ("temperature", args.temperature), ("top_k", args.top_k))
+        if v is not None}
+  _check_sample_options(exp.family, kw, cfg.family.name)
   target = experiment_lib.abstract_target(exp)
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
-  kw = {k: v for k, v in (("label", args.label), ("guidance", args.guidance)) if v is not None}
   sizes = [min(args.chunk, args.num - i) for i in range(0, args.num, args.chunk)]
   chunks = (exp.spec.denormalize(draw_samples(exp, state, n, seed=args.seed, chunk=i, **kw))
             for i, n in enumerate(sizes))
@@ -169,6 +172,27 @@ def sample(args) -> int:
   bar.close()
   print(f"scaler: {args.num} samples from step {step} -> {out}")
   return 0
+
+
+def _check_sample_options(family, kw, name) -> None:
+  """A sampling option the family's sampler does not take is refused, by name."""
+  import inspect
+  takes = inspect.signature(family.sample).parameters
+  flags = {"temperature": "--temperature", "top_k": "--top-k"}
+  for key, flag in flags.items():
+    if key in kw and key not in takes:
+      raise UserError(f"{flag}: family {name} draws samples without one (flow and "
+                      "autoregressive runs take --temperature, autoregressive --top-k)")
+  if kw.get("temperature") is not None and kw["temperature"] <= 0:
+    raise UserError(f"--temperature {kw['temperature']}: must be positive")
+  if kw.get("top_k") is not None and kw["top_k"] < 0:
+    raise UserError(f"--top-k {kw['top_k']}: must be at least 0 (0: every token)")
+
+
+def evaluate(args) -> int:
+  """`scaler eval`: see launch/eval_command.py."""
+  from launch import eval_command
+  return eval_command.run(args)
 
 
 def _layout_rows(tree, shardings, prefix):

@@ -64,3 +64,91 @@ def evaluate(exp, state: state_lib.TrainState, source, *, limit: int | None = No
     if on_batch is not None:
       on_batch(i + 1, num_batches)
   return {k: v / n for k, v in total.items()}
+
+
+# --- `scaler eval`: likelihood and sample quality of a run, against the held-out floor ---
+
+# The names an `evaluate` hook gives a likelihood, or a bound on one: -log p per example
+# in nats where the data lives, bits per dimension, the ELBO.
+LIKELIHOOD = ("nll", "bpd", "elbo")
+EVAL_FILE = "eval.json"
+CHUNK = 1024   # samples drawn per call
+
+
+def metric_names(exp) -> tuple[str, ...]:
+  """The names the family's `evaluate` returns, from its abstract evaluation (no compile)."""
+  if exp.family.evaluate is None:
+    return ()
+  from scaler import experiment as experiment_lib
+  abstract = experiment_lib.abstract_state(exp)
+  batch = {"x": jax.ShapeDtypeStruct((2, *exp.spec.shape), jnp.float32)}
+  if exp.spec.num_classes:
+    batch["label"] = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+  def values(params, rest, extra, batch):
+    nets = state_lib.merge(exp.networks, params, rest)
+    return exp.family.evaluate(nets, extra, batch, jax.random.key(0))
+
+  return tuple(jax.eval_shape(values, abstract.params, abstract.rest, abstract.extra, batch))
+
+
+def quality_scores(digits: bool, samples, reference) -> dict:
+  """Sample-quality metrics of `samples` against `reference`, both in data space: for
+  the digits, the Frechet distance in scaler/quality.py's classifier's features, its
+  confidence and the entropy of its classes; else sliced Wasserstein-1 and MMD^2
+  (images flattened)."""
+  from scaler import quality
+  if digits:
+    return quality.digits_scores(samples, reference)
+  return {"sliced_wasserstein": quality.sliced_wasserstein(samples, reference),
+          "mmd": quality.mmd(samples, reference)}
+
+
+def draw(exp, state, num: int, on_chunk=None) -> np.ndarray:
+  """`num` samples in data space, drawn CHUNK at a time on every process."""
+  from scaler.sampling import draw_samples
+  out = []
+  for i, start in enumerate(range(0, num, CHUNK)):
+    n = min(CHUNK, num - start)
+    out.append(exp.spec.denormalize(draw_samples(exp, state, n, seed=0, chunk=i)))
+    if on_chunk is not None:
+      on_chunk(n)
+  return np.concatenate(out)
+
+
+def report(exp, state, source, *, num: int, likelihood: bool = True, quality: bool = True,
+           progress: bool = True) -> dict:
+  """Held-out metrics of a trained state over the first `num` examples of `source`:
+  the family's `evaluate` means and the sample quality, each quality metric beside the
+  same metric for held-out data against itself (the floor).
+
+  The first half of the examples is compared with the second half (the floor); `num // 2`
+  samples are compared with the same second half, so both have the same sample size.
+  Every process must call this (the computations are collectives); the quality metrics
+  are computed on the host of process 0, None on the others.
+  """
+  from tqdm import tqdm
+  n = min(num, len(source))
+  out = {"examples": n}
+  show = progress and jax.process_index() == 0
+  if likelihood:
+    batches = -(-n // exp.cfg.train.batch_size)
+    with tqdm(total=batches, desc="eval", unit="batch", disable=not show) as bar:
+      out["metrics"] = evaluate(exp, state, source, limit=n,
+                                on_batch=lambda done, total: bar.update(1))
+  if quality:
+    half = n // 2
+    if half < 2:
+      raise ValueError(f"sample quality needs at least 4 held-out examples; got {n}")
+    with tqdm(total=half, desc="sample", unit="sample", disable=not show) as bar:
+      samples = draw(exp, state, half, on_chunk=bar.update)
+    if jax.process_index() == 0:
+      held_out = source.read(np.arange(n)).x.astype(np.float64)
+      a, b = held_out[:half], held_out[half:2 * half]
+      digits = exp.cfg.data.name == "digits"
+      model, floor = quality_scores(digits, samples, b), quality_scores(digits, a, b)
+      out["quality"] = {k: {"samples": model[k], "held_out": floor[k]} for k in model}
+      out["quality_sample_size"] = half
+    else:
+      out["quality"] = None
+  return out

@@ -6,6 +6,8 @@ start-up, before anything compiles: an unknown role, a mesh axis used twice, or 
 dimension its mesh axes do not divide is a `UserError` naming the parameter.
 """
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -123,3 +125,39 @@ def opt_state_shardings(tx, abstract_opt_state, params_shardings, mesh: Mesh):
 def path_str(path) -> str:
   """`('denoiser', 'blocks', 0, 'kernel')` -> `denoiser/blocks/0/kernel`."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+# --- activations ---------------------------------------------------------------------
+
+_ACTIVATION_RULES = contextvars.ContextVar("scaler_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: dict):
+  """While tracing under this, `constrain` pins activations by role on `mesh`, with the
+  same rule table as the parameters (the driver traces sampling under it)."""
+  token = _ACTIVATION_RULES.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x, roles: tuple):
+  """`x` with its sharding pinned by the roles of its dimensions (a KV cache's heads
+  split like the attention's heads); unchanged outside `activation_rules`. A dimension
+  its mesh axes do not divide, or whose axes an earlier dimension took, stays whole:
+  unlike a parameter's, an activation's size is the user's (the number of samples)."""
+  active = _ACTIVATION_RULES.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  used, spec = set(), []
+  for size, role in zip(x.shape, roles):
+    axes = tuple(a for a in _axes_of(rules.get(role)) if a not in used) if role else ()
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))

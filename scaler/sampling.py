@@ -6,6 +6,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from scaler import partitioning
 from scaler import rng as rng_lib
 from scaler import state as state_lib
 
@@ -33,7 +34,10 @@ def draw_samples(exp, state: state_lib.TrainState, num: int, seed: int = 0, chun
     rng = jax.random.fold_in(rng, chunk)
     return exp.family.sample(state_lib.merge(exp.networks, params, rest), rng, num, **kw)
 
-  out = sample(sample_params(state), state.rest)
+  # Traced under the run's rules: activations a sampler pins by role (a KV cache by its
+  # heads, see partitioning.constrain) are split as the parameters are.
+  with partitioning.activation_rules(exp.mesh, exp.rules):
+    out = sample(sample_params(state), state.rest)
   return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
 

@@ -6,11 +6,19 @@ and called as `net(x, t_B)` or, when K > 0, `net(x, t_B, y_B)` with labels in 0.
 """
 
 from scaler.nn.dit import DiT, DiTConfig
+from scaler.nn.flow_nets import FLOWS
 from scaler.nn.mlp import MLPDenoiser, MLPDenoiserConfig
+from scaler.nn.pixelcnn import PixelCNN, PixelCNNConfig
+from scaler.nn.transformer import Transformer, TransformerConfig
 from scaler.nn.unet import UNet, UNetConfig
 
 NETWORKS = {
     "mlp_denoiser": (MLPDenoiserConfig, MLPDenoiser),
     "unet": (UNetConfig, UNet),
     "dit": (DiTConfig, DiT),
+    # Flows (family flow) and autoregressive networks (family autoregressive) are built
+    # by their families, with the arguments their families give.
+    **FLOWS,
+    "pixelcnn": (PixelCNNConfig, PixelCNN),
+    "transformer": (TransformerConfig, Transformer),
 }
