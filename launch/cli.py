@@ -52,6 +52,8 @@ def _parser():
   s.add_argument("--out", required=True, help=".npz (array 'samples') or .png")
   s.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--from-buffer", action="store_true",
+                 help="start the chains from the run's replay buffer (EBM), not from noise")
 
   lay = sub.add_parser("layout", help="parameter shardings and step memory, no training")
   lay.add_argument("config")

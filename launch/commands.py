@@ -90,11 +90,14 @@ def sample(args) -> int:
   cfg = _fit_mesh(_load_run(run_dir))
   exp = experiment_lib.build(cfg)
   target = experiment_lib.abstract_target(exp)
+  if args.from_buffer and target.extra is None:
+    raise UserError(f"--from-buffer: family '{cfg.family.name}' keeps no replay buffer")
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
-  samples = exp.spec.denormalize(draw_samples(exp, state, args.num, seed=args.seed))
+  kw = {"from_buffer": True} if args.from_buffer else {}
+  samples = exp.spec.denormalize(draw_samples(exp, state, args.num, seed=args.seed, **kw))
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".npz":
     np.savez(out, samples=np.asarray(samples, np.float32))

@@ -19,14 +19,16 @@ def draw_samples(exp, state: state_lib.TrainState, num: int, seed: int = 0, **kw
 
   Every process must call this: with parameters sharded across processes (fsdp) the
   sampler's computation needs collectives that all of them join. `kw` goes to the
-  family's `sample` (a label, a guidance scale).
+  family's `sample` (a label, a guidance scale, an EBM's `from_buffer`), with the
+  state's extra state as `extra`.
   """
 
   @jax.jit
-  def sample(params, rest):
+  def sample(params, rest, extra):
     # The key is made inside: a host-made key would be local to one process.
     rng = jax.random.fold_in(rng_lib.stream(exp.cfg.train.seed, "sample"), seed)
-    return exp.family.sample(state_lib.merge(exp.networks, params, rest), rng, num, **kw)
+    return exp.family.sample(state_lib.merge(exp.networks, params, rest), rng, num,
+                             extra=extra, **kw)
 
-  out = sample(sample_params(state), state.rest)
+  out = sample(sample_params(state), state.rest, state.extra)
   return np.asarray(multihost_utils.process_allgather(out, tiled=True))
