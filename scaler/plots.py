@@ -24,7 +24,8 @@ def scatter(samples_Nx2, reference_Nx2, path: Path) -> None:
     ax.set_title(title)
     ax.set_aspect("equal")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  # "tight": equal aspect shrinks the axes after the layout, and titles would be cut.
+  fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
 
 

@@ -296,3 +296,13 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, overrides, words):
   expect_user_error(capsys, ["train", TINY_EBM, *overrides, "--run-dir", str(tmp_path / "r")],
                     *words)
   assert not (tmp_path / "r").exists()
+
+
+def test_from_buffer_on_a_family_without_one_is_refused(capsys, tmp_path):
+  # The check comes before any checkpoint is read: a run directory's config is enough.
+  run_dir = tmp_path / "diffusion_run"
+  run_dir.mkdir()
+  config_lib.dump(config_lib.load(ROOT / "configs" / "tiny_diffusion.yaml"),
+                  run_dir / "config.yaml")
+  expect_user_error(capsys, ["sample", str(run_dir), "--out", str(tmp_path / "s.npz"),
+                             "--from-buffer"], "--from-buffer", "'diffusion'", "no replay buffer")
