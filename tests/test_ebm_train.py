@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from launch.commands import _layout_rows
+
 from scaler import config as config_lib
 from scaler import experiment as experiment_lib
 from scaler import mesh as mesh_lib
@@ -68,6 +70,10 @@ def test_the_buffer_carries_the_layout_sharding_and_is_donated():
   state, _ = state_lib.create(exp.family, exp.networks, exp.txs, False, exp.rules, exp.mesh, 0)
   planned, buffer = shardings.extra["buffer"], state.extra["buffer"]
   assert tuple(planned.spec) == (("data", "fsdp"), None)
+  # The row `scaler layout` prints for it: path, shape, spec, bytes per device.
+  abstract = experiment_lib.abstract_state(exp)
+  assert _layout_rows(abstract.extra, shardings.extra, "") == [
+      ("buffer", "(512, 2)", "(('data', 'fsdp'), None)", 512 * 2 * 4 // 8)]
   assert buffer.sharding.is_equivalent_to(planned, buffer.ndim)
   # No device holds more than its share, and every row is held exactly once.
   assert len(buffer.addressable_shards) == 8

@@ -63,6 +63,11 @@ def _mean_where(x_B, ok_B):
   return jnp.sum(jnp.where(ok_B, x_B, 0.0)) / jnp.maximum(jnp.sum(ok_B), 1)
 
 
+def _rows(mask_B, x):
+  """A per-example mask, broadcastable against x (B, ...)."""
+  return mask_B.reshape(mask_B.shape + (1,) * (x.ndim - 1))
+
+
 class EBMFamily(FamilyDefaults):
   """One network, "energy": x -> E(x), one scalar per example."""
 
@@ -120,8 +125,7 @@ class EBMFamily(FamilyDefaults):
     n = x_pos.shape[0]
     start, slots = langevin.draw(extra["buffer"], n, draw_rng)
     fresh_B = jax.random.uniform(fresh_rng, (n,)) < self.cfg.reinit
-    start = jnp.where(fresh_B.reshape((n,) + (1,) * (start.ndim - 1)),
-                      self._noise(noise_rng, n), start)
+    start = jnp.where(_rows(fresh_B, start), self._noise(noise_rng, n), start)
     x_neg, grad_norm = self._chain(energy, start, chain_rng, self.cfg.langevin_steps,
                                    self.cfg.step_size)
     x_neg = jax.lax.stop_gradient(x_neg)
@@ -129,7 +133,7 @@ class EBMFamily(FamilyDefaults):
     # the update uses the finite rows only, so the parameters do not hide the cause.
     ok_B = jnp.all(jnp.isfinite(x_neg.reshape(n, -1)), axis=1)
     e_pos = energy(x_pos)
-    e_neg = energy(jnp.where(ok_B.reshape(start.shape[:1] + (1,) * (start.ndim - 1)), x_neg, 0.0))
+    e_neg = energy(jnp.where(_rows(ok_B, x_neg), x_neg, 0.0))
     mean_pos, mean_neg = jnp.mean(e_pos), _mean_where(e_neg, ok_B)
     # Contrastive divergence plus alpha * (E(x+)^2 + E(x-)^2) (Du & Mordatch 2019).
     reg = jnp.mean(e_pos ** 2) + _mean_where(e_neg ** 2, ok_B)
