@@ -138,8 +138,9 @@ def check_image_shape(cfg: EnergyConvConfig, data_shape) -> None:
 
 
 class EnergyConv(_Energy):
-  """E(x) for NHWC images: 3x3 convs (stride 2 after the first level), a global mean
-  over positions, a dense layer to one number."""
+  """E(x) for NHWC images: 3x3 convs (stride 2 after the first level), then a dense
+  layer from the flattened last level to one number. Flattened, not pooled: at 8x8 a
+  digit's strokes are told apart by where they are, which a global mean forgets."""
 
   def __init__(self, cfg: EnergyConvConfig, data_shape, *, precision: Precision, rngs):
     check_image_shape(cfg, data_shape)
@@ -150,10 +151,13 @@ class EnergyConv(_Energy):
     convs = [_conv(data_shape[-1], ch[0], None, sn, **kw)]
     convs += [_conv(ch[i - 1], ch[i], "conv_in", sn, strides=2, **kw) for i in range(1, len(ch))]
     self.convs = nnx.List(convs)
-    self.out = _dense(ch[-1], 1, "conv_out", None, sn, **kw)
+    factor = 2 ** (len(ch) - 1)
+    features = (data_shape[0] // factor) * (data_shape[1] // factor) * ch[-1]
+    # Positions x channels, flattened: no single role names it, and it is small.
+    self.out = _dense(features, 1, None, None, sn, **kw)
 
   def __call__(self, x_BxHxWxC):
     h = self.precision.cast(x_BxHxWxC)
     for conv in self.convs:
       h = self.act(conv(h))
-    return self.precision.output(self.out(jnp.mean(h, axis=(1, 2))))[:, 0]
+    return self.precision.output(self.out(h.reshape(h.shape[0], -1)))[:, 0]
