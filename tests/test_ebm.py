@@ -84,14 +84,19 @@ def test_spectral_norm_divides_by_the_top_singular_value():
   graphdef, state = nnx.split(Spectral(inner, 4, None, precision=FLOAT32, rngs=rngs))
   x = jax.random.normal(jax.random.key(1), (3, 6))
 
+  def iterate(_, state):
+    layer = nnx.merge(graphdef, state)
+    layer.power_iterate()
+    return nnx.state(layer)
+
   @jax.jit
   def run(state):
     layer = nnx.merge(graphdef, state)
     u0 = layer.u[...]
     layer(x)
     called = layer.u[...]
-    for _ in range(50):
-      layer.power_iterate()
+    # 50 iterations in a loop, not unrolled: unrolled, compiling them took seconds.
+    layer = nnx.merge(graphdef, jax.lax.fori_loop(0, 50, iterate, nnx.state(layer)))
     return u0, called, layer(x)
 
   u0, called, y = run(state)
@@ -218,6 +223,11 @@ def test_the_compiled_step_gathers_nothing_under_data_parallel():
 # --- the loss ----------------------------------------------------------------------------
 
 
+def _energy(fam):
+  """The family's energy net, initialised in one jitted call (op by op costs seconds)."""
+  return nnx.jit(lambda: fam.init(nnx.Rngs(0))["energy"])()
+
+
 def _family(**cfg):
   cfg = {"buffer_size": 64, "langevin_steps": 5, "step_size": 0.1, "noise_scale": 0.1,
          "grad_clip": "none", "alpha": 0.1, **cfg}
@@ -227,8 +237,8 @@ def _family(**cfg):
 
 def test_negatives_get_no_gradient_through_the_chain():
   fam = _family()
-  graphdef, params, rest = nnx.split(fam.init(nnx.Rngs(0))["energy"], nnx.Param, ...)
-  extra = fam.init_extra(jax.random.key(1))
+  graphdef, params, rest = nnx.split(_energy(fam), nnx.Param, ...)
+  extra = jax.jit(fam.init_extra)(jax.random.key(1))
   batch = {"x": jax.random.normal(jax.random.key(2), (32, 2))}
   rng = jax.random.key(3)
 
@@ -259,7 +269,7 @@ def test_negatives_get_no_gradient_through_the_chain():
 
 def test_sample_starts_from_noise_or_from_the_buffer():
   fam = _family(sample_steps=3, sample_step_size=0.01)
-  graphdef, state = nnx.split(fam.init(nnx.Rngs(0))["energy"])
+  graphdef, state = nnx.split(_energy(fam))
   extra = {"buffer": jnp.full((64, 2), 2.5)}
 
   @jax.jit

@@ -80,14 +80,19 @@ def test_eight_gaussians_as_shipped_cover_every_mode_and_beat_the_baselines(tmp_
   _check_gaussians(samples, margin=0.5)
 
 
+@pytest.mark.slow
 def test_eight_gaussians_short_run_finds_every_mode(tmp_path):
-  # The shipped recipe for 300 steps with shorter chains, in this process on one device
+  # The shipped recipe for 500 steps with shorter chains, in this process on one device
   # (the same numbers as on 8): already all 8 modes. It stops one step short of the
-  # schedule's end, which skips the final picture (samples are drawn below).
-  cfg = config_lib.load(GAUSSIANS, ["train.steps=301", "train.log_every=100",
+  # schedule's end, which skips the final picture (samples are drawn below). 300 steps
+  # were enough before the normalisation statistics came from a 4096-example sample
+  # (main's data rows): since, one mode gets 4% of the samples from noise; at 500 the
+  # least-visited mode gets 6.3% (from noise) and 6.7% (from the buffer), sliced W1
+  # 0.151 / 0.149 against the box's 0.257 and GMM(2)'s 0.293. Slow: ~80 s on 2 cores.
+  cfg = config_lib.load(GAUSSIANS, ["train.steps=501", "train.log_every=100",
                                     "checkpoint.every=0", "family.langevin_steps=20",
                                     "family.sample_steps=100", "mesh.data=1"])
-  train(cfg, tmp_path, devices=jax.devices()[:1], stop_at=300)
+  train(cfg, tmp_path, devices=jax.devices()[:1], stop_at=500)
   exp = experiment_lib.build(cfg, jax.devices()[:1])
   ckpt = Checkpointer(str(tmp_path / "checkpoints"), cfg.checkpoint, {})
   state, _, _ = ckpt.restore(experiment_lib.abstract_target(exp))

@@ -1,7 +1,13 @@
 """The EBM through the real train loop: the same losses on 1 and 8 devices with the buffer
 sharded, the buffer's layout and donation, exact resume including the buffer, resume
 on 4 devices, a diverging chain named by the finiteness check, sampling from the buffer,
-and several processes. The core hooks the family added are checked here too."""
+and several processes. The core hooks the family added are checked here too.
+
+Every test that runs the train loop is marked slow (run them with `-m slow`): each pays
+the loop's start-up and a compile of the step on 8 simulated devices, 20-90 s on 2
+shared cores, and the default EBM tests must stay near a minute. By default the buffer's
+layout and donation (one compiled step) and the core hooks run; test_ebm.py checks the
+step's pieces and its compiled HLO."""
 
 import json
 
@@ -47,8 +53,8 @@ def one_device(tmp_path_factory):
   return run_dir
 
 
-@pytest.mark.parametrize("mesh", [pytest.param(DP, marks=pytest.mark.slow), FSDP],
-                         ids=["data_parallel", "fsdp"])
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [DP, FSDP], ids=["data_parallel", "fsdp"])
 def test_same_losses_on_one_and_eight_devices(one_device, tmp_path, mesh):
   cfg = config_lib.load(TINY_EBM, EQ + mesh)
   exp = experiment_lib.build(cfg)
@@ -98,6 +104,7 @@ def _restore(cfg, run_dir, devices=None):
   return state, step
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_and_another_device_count_keeps_the_buffer(tmp_path):
   cfg = config_lib.load(TINY_EBM, ["train.steps=16", "train.log_every=4", "checkpoint.every=4",
                                    "checkpoint.keep_last=4", "train.ema_decay=0.9"])
@@ -132,6 +139,7 @@ def test_resume_is_bitwise_and_another_device_count_keeps_the_buffer(tmp_path):
   assert rows(buffer4) == rows(saved.extra["buffer"])      # the same multiset of examples
 
 
+@pytest.mark.slow
 def test_a_diverging_chain_stops_with_the_step_and_the_buffer(tmp_path, monkeypatch):
   real = langevin.langevin
 
@@ -155,6 +163,7 @@ def trained(tmp_path_factory):
   return run_dir
 
 
+@pytest.mark.slow
 def test_the_final_picture_shows_noise_and_buffer_chains(trained):
   # Three panels (held-out data, from noise, from the buffer) at 4.5 inches x 100 dpi.
   width, _ = Image.open(trained / "samples.png").size
@@ -166,6 +175,7 @@ def test_the_final_picture_shows_noise_and_buffer_chains(trained):
   assert 0 < np.mean([r["energy/buffer_refreshed"] for r in rows]) < 64 / 512
 
 
+@pytest.mark.slow
 def test_sample_from_noise_and_from_the_buffer(trained, tmp_path):
   for extra in ([], ["--from-buffer"]):
     out = scaler("sample", str(trained), "--num", "100", "--out", str(tmp_path / "s.npz"),
