@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_diffusion.yaml")
 
 
-def scaler(*args, cwd=None):
+def scaler(*args, cwd=None, timeout=300):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd or ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def expect_user_error(capsys, argv, *words):

@@ -27,8 +27,14 @@ GAUSSIANS = ROOT / "configs" / "ebm_eight_gaussians.yaml"
 DIGITS = ROOT / "configs" / "ebm_digits.yaml"
 
 
+# Training as shipped takes 5-10 minutes on 2 shared cores (2000 steps on 8 simulated
+# devices); the CLI helper's default 300 s stopped the eight gaussians at step ~1900.
+TRAIN_TIMEOUT_S = 3600
+
+
 def _train_and_sample(config, run_dir, tmp_path, num, *overrides):
-  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), *overrides)
+  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), *overrides,
+               timeout=TRAIN_TIMEOUT_S)
   assert out.returncode == 0, out.stderr[-3000:]
   samples = {}
   for name, extra in (("noise", []), ("buffer", ["--from-buffer"])):
