@@ -85,6 +85,8 @@ def _parser():
   s.add_argument("--seed", type=int, default=0, help="sampling seed")
   s.add_argument("--chunk", type=int, default=4096,
                  help="samples drawn per call; larger --num is drawn in chunks and streamed")
+  s.add_argument("--from-buffer", action="store_true",
+                 help="start the chains from the run's replay buffer (EBM), not from noise")
   s.add_argument("--label", type=int, help="class of every sample (class-conditional runs)")
   s.add_argument("--guidance", type=float, help="classifier-free guidance scale w "
                  "(default: the run's family.condition.guidance_scale)")

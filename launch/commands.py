@@ -148,10 +148,13 @@ def sample(args) -> int:
         if v is not None}
   _check_sample_options(exp.family, kw, cfg.family.name)
   target = experiment_lib.abstract_target(exp)
+  if args.from_buffer and target.extra is None:
+    raise UserError(f"--from-buffer: family '{cfg.family.name}' keeps no replay buffer")
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
+  kw = {"from_buffer": True} if args.from_buffer else {}
   sizes = [min(args.chunk, args.num - i) for i in range(0, args.num, args.chunk)]
   chunks = (exp.spec.denormalize(draw_samples(exp, state, n, seed=args.seed, chunk=i, **kw))
             for i, n in enumerate(sizes))

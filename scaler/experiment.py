@@ -62,12 +62,14 @@ def _optimizers(cfg: Config, names: list[str]):
 
 
 def _check_batch(cfg: Config, mesh: Mesh, family) -> None:
-  """Every slice the step takes (repeats x micro-batches) splits evenly over the batch axes."""
+  """Every slice the step takes (repeats x micro-batches) splits evenly over the batch axes,
+  and the family accepts the batch and the batch axes' device count."""
   repeat = max((u.repeat for u in family.updates), default=1)
   for u in family.updates:
     if u.repeat < 1:
       raise ValueError(f"update {u.name} has repeat={u.repeat}")
   mesh_lib.check_batch(mesh, cfg.train.batch_size, cfg.train.micro_batches, repeat)
+  family.check_batch(cfg.train.batch_size, mesh_lib.batch_shards(mesh))
 
 
 def check_mesh_use(mesh: Mesh, shardings: state_lib.TrainState, rules_name) -> None:

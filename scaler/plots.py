@@ -23,12 +23,15 @@ def _view(points_Nx2, quantile=0.005, margin=0.1):
   return (lo[0] - pad[0], hi[0] + pad[0]), (lo[1] - pad[1], hi[1] + pad[1])
 
 
-def scatter(samples_Nx2, reference_Nx2, path: Path) -> None:
-  """Samples, beside held-out data when given, on the same axes."""
-  panels = [(samples_Nx2, "samples")]
+def scatter(views, reference_Nx2, path: Path) -> None:
+  """Samples, beside held-out data when given, on the same axes. `views` is an array of
+  points or {title: points}, one panel each (a family's `sample_views`)."""
+  views = views if isinstance(views, dict) else {"samples": views}
+  panels = [(np.asarray(pts), title) for title, pts in views.items()]
   if reference_Nx2 is not None:
     panels.insert(0, (reference_Nx2, "held-out data"))
-  basis = reference_Nx2 if reference_Nx2 is not None else samples_Nx2
+  basis = reference_Nx2 if reference_Nx2 is not None else np.concatenate(
+      [pts for pts, _ in panels])
   (xlo, xhi), (ylo, yhi) = _view(np.asarray(basis))
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
   for ax, (pts, title) in zip(axes[0], panels):
@@ -71,9 +74,11 @@ def _show(ax, grid_HxWxC):
   ax.axis("off")
 
 
-def image_grid(images_NxHxWxC, path: Path, reference_NxHxWxC=None) -> None:
-  """A grid of every given image; held-out images beside it when given."""
-  panels = [(grid(images_NxHxWxC), f"samples ({len(images_NxHxWxC)})")]
+def image_grid(views, path: Path, reference_NxHxWxC=None) -> None:
+  """A grid of every given image; held-out images beside it when given. `views` is an
+  array of images or {title: images}, one grid each."""
+  views = views if isinstance(views, dict) else {"samples": views}
+  panels = [(grid(images), f"{title} ({len(images)})") for title, images in views.items()]
   if reference_NxHxWxC is not None and len(reference_NxHxWxC):
     panels.insert(0, (grid(reference_NxHxWxC), "held-out data"))
   height = max(p[0].shape[0] for p in panels)
@@ -90,14 +95,18 @@ def image_grid(images_NxHxWxC, path: Path, reference_NxHxWxC=None) -> None:
 
 def samples(samples, reference, path: Path, kind: str) -> None:
   """A scatter for vectors (their first two coordinates), a grid for images; held-out
-  data beside them when `reference` is given."""
-  samples = np.asarray(samples)
+  data beside them when `reference` is given. `samples` may be {title: samples}: one
+  panel each, in one picture (a family's `sample_views`, e.g. an EBM's chains from
+  noise and from its buffer)."""
+  views = samples if isinstance(samples, dict) else {"samples": samples}
+  views = {title: np.asarray(v) for title, v in views.items()}
   reference = None if reference is None else np.asarray(reference)
   if kind == "image":
-    image_grid(samples, path, reference)
+    image_grid(views, path, reference)
   else:
-    scatter(samples.reshape(len(samples), -1)[:, :2], None if reference is None else
-            reference.reshape(len(reference), -1)[:, :2], path)
+    first2 = lambda a: a.reshape(len(a), -1)[:, :2]
+    scatter({title: first2(v) for title, v in views.items()},
+            None if reference is None else first2(reference), path)
 
 
 def _smooth(values, weight=0.9):

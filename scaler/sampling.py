@@ -24,20 +24,22 @@ def draw_samples(exp, state: state_lib.TrainState, num: int, seed: int = 0, chun
   Every process must call this: with parameters sharded across processes (fsdp) the
   sampler's computation needs collectives that all of them join. `chunk` numbers the
   calls of one large draw (each gets its own noise). `kw` goes to the family's `sample`
-  (a label, a guidance scale).
+  (a label, a guidance scale, an EBM's `from_buffer`), with the state's extra state as
+  `extra`.
   """
 
   @jax.jit
-  def sample(params, rest):
+  def sample(params, rest, extra):
     # The key is made inside: a host-made key would be local to one process.
     rng = jax.random.fold_in(rng_lib.stream(exp.cfg.train.seed, "sample"), seed)
     rng = jax.random.fold_in(rng, chunk)
-    return exp.family.sample(state_lib.merge(exp.networks, params, rest), rng, num, **kw)
+    return exp.family.sample(state_lib.merge(exp.networks, params, rest), rng, num,
+                             extra=extra, **kw)
 
   # Traced under the run's rules: activations a sampler pins by role (a KV cache by its
   # heads, see partitioning.constrain) are split as the parameters are.
   with partitioning.activation_rules(exp.mesh, exp.rules):
-    out = sample(sample_params(state), state.rest)
+    out = sample(sample_params(state), state.rest, state.extra)
   return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
 

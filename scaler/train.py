@@ -167,12 +167,13 @@ def compile_step(exp, state_shardings, batch_sharding):
 def finish(run: Run, state, last: dict) -> None:
   """Stage 6: samples, curves and final metrics. Every process samples; process 0 writes."""
   exp, tcfg = run.exp, run.exp.cfg.train
-  samples = draw_samples(exp, state, tcfg.num_samples, seed=0)
+  views = {title: exp.spec.denormalize(draw_samples(exp, state, tcfg.num_samples, seed=0, **kw))
+           for title, kw in exp.family.sample_views.items()}
   if jax.process_index() != 0:
     return
   test = load_source(exp.cfg.data, "test", spec=exp.spec)
-  held_out = test.rows(np.arange(min(len(samples), len(test))))["x"]
-  plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(held_out),
+  held_out = test.rows(np.arange(min(tcfg.num_samples, len(test))))["x"]
+  plots.samples(views, exp.spec.denormalize(held_out),
                 run.run_dir / "samples.png", kind=exp.spec.kind)
   plots.curves(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
   (run.run_dir / "final_metrics.json").write_text(json.dumps(last, indent=1))

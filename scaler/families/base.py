@@ -17,6 +17,15 @@ Everything else is optional, with the defaults of `FamilyDefaults`:
                            the result is saved, so a resume never repeats it
   evaluate(nets, extra, batch, rng) -> {name: per-example values (B,)}: held-out
                            metrics that `scaler/evaluate.py` averages over a split
+  check_batch(batch_size, shards)   refuses, with a UserError naming the key, settings
+                           that the global batch or the data x fsdp device count rule
+                           out (an EBM's buffer size), before anything compiles
+  sample_views             {title: keyword arguments of `sample`}: the variants the
+                           final picture shows side by side (an EBM: from noise, from
+                           its buffer)
+
+`sample` receives the family's extra state as `extra=` (None when it has none), so a
+sampler may start from it (an EBM's replay buffer).
 
 The loss sees the global step (a KL warm-up, a critic schedule), and the batch carries
 `label` (int32, (B,)) when the data has classes; `spec.num_classes` says how many.
@@ -66,8 +75,10 @@ class Family(Protocol):
   def updates(self) -> tuple[Update, ...]:
     """The optimizer updates of one train step, in order."""
 
-  def sample(self, nets: dict[str, nnx.Module], rng: jax.Array, num: int, **kw) -> jax.Array:
-    """`num` samples in model space, shape `(num, *data_shape)`."""
+  def sample(self, nets: dict[str, nnx.Module], rng: jax.Array, num: int, *, extra=None,
+             **kw) -> jax.Array:
+    """`num` samples in model space, shape `(num, *data_shape)`; `extra` is the train
+    state's extra state."""
 
 
 class FamilyDefaults:
@@ -82,6 +93,11 @@ class FamilyDefaults:
   @property
   def sampled_networks(self) -> tuple[str, ...] | None:
     return None  # all of them
+
+  def check_batch(self, batch_size: int, shards: int) -> None:
+    pass
+
+  sample_views = {"samples": {}}
 
   data_init = None      # or a method (nets, batch, rng) -> None, mutating the modules
   evaluate = None       # or a method (nets, extra, batch, rng) -> {name: (B,) values}

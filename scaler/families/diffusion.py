@@ -175,7 +175,8 @@ class DiffusionFamily(FamilyDefaults):
     return LossOut(mse, {"mse": mse, "mse_low_noise": _masked_mean(err_B, low),
                          "mse_high_noise": _masked_mean(err_B, ~low)})
 
-  def sample(self, nets, rng, num, label: int | None = None, guidance: float | None = None):
+  def sample(self, nets, rng, num, label: int | None = None, guidance: float | None = None,
+             extra=None):
     """`num` samples in model space, (num, *data_shape), with the configured sampler.
 
     Conditional runs: all of class `label`, or classes 0, 1, ..., K-1, 0, ... without

@@ -6,6 +6,7 @@ and called as `net(x, t_B)` or, when K > 0, `net(x, t_B, y_B)` with labels in 0.
 """
 
 from scaler.nn.dit import DiT, DiTConfig
+from scaler.nn.energy import EnergyConv, EnergyConvConfig, EnergyMLP, EnergyMLPConfig
 from scaler.nn.flow_nets import FLOWS
 from scaler.nn.mlp import MLPDenoiser, MLPDenoiserConfig
 from scaler.nn.pixelcnn import PixelCNN, PixelCNNConfig
@@ -21,4 +22,6 @@ NETWORKS = {
     **FLOWS,
     "pixelcnn": (PixelCNNConfig, PixelCNN),
     "transformer": (TransformerConfig, Transformer),
+    "energy_mlp": (EnergyMLPConfig, EnergyMLP),
+    "energy_conv": (EnergyConvConfig, EnergyConv),
 }
