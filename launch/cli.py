@@ -2,7 +2,7 @@
 
     scaler train configs/diffusion_moons.yaml --debug            # 8 simulated CPU devices
     scaler train CONFIG optimizer.lr=3e-4 mesh.fsdp=4 --run-dir runs/x
-    scaler sample runs/x --num 1000 --out samples.png
+    scaler sample runs/x --num 1000 --out samples.png [--label K]
     scaler layout CONFIG --devices 8
     scaler train CONFIG --hosts 2 --devices-per-host 2   # N host processes through Ray
 
@@ -52,6 +52,7 @@ def _parser():
   s.add_argument("--out", required=True, help=".npz (array 'samples') or .png")
   s.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--label", type=int, help="draw class K (a conditional run)")
 
   lay = sub.add_parser("layout", help="parameter shardings and step memory, no training")
   lay.add_argument("config")

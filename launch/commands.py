@@ -94,7 +94,8 @@ def sample(args) -> int:
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
-  samples = exp.spec.denormalize(draw_samples(exp, state, args.num, seed=args.seed))
+  kw = {} if args.label is None else {"label": args.label}   # the family refuses a bad one
+  samples = exp.spec.denormalize(draw_samples(exp, state, args.num, seed=args.seed, **kw))
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".npz":
     np.savez(out, samples=np.asarray(samples, np.float32))

@@ -54,6 +54,17 @@ def samples(samples, reference, path: Path, kind: str) -> None:
     scatter(samples[:, :2], None if reference is None else np.asarray(reference)[:, :2], path)
 
 
+def reconstructions(originals, recons, path: Path, kind: str) -> None:
+  """Held-out examples and their reconstructions: images in column pairs (original,
+  reconstruction), vectors as two scatters."""
+  originals, recons = np.asarray(originals), np.asarray(recons)
+  if kind != "image":
+    scatter(recons[:, :2], originals[:, :2], path)
+    return
+  pairs = np.stack([originals, recons], axis=1).reshape(-1, *originals.shape[1:])
+  image_grid(pairs, path, ncols=8)
+
+
 def curves(metrics_path: Path, path: Path) -> None:
   """Every `*/loss` series against the step, on a log scale when positive."""
   if not Path(metrics_path).exists():

@@ -30,3 +30,16 @@ def draw_samples(exp, state: state_lib.TrainState, num: int, seed: int = 0, **kw
 
   out = sample(sample_params(state), state.rest)
   return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+
+def draw_reconstructions(exp, state: state_lib.TrainState, batch: dict, seed: int = 0):
+  """The family's `reconstruct` of a small host batch (held-out examples), on every
+  process. The batch enters as a constant: every process holds the same one."""
+
+  @jax.jit
+  def reconstruct(params, rest):
+    rng = jax.random.fold_in(rng_lib.stream(exp.cfg.train.seed, "sample"), seed)
+    return exp.family.reconstruct(state_lib.merge(exp.networks, params, rest), batch, rng)
+
+  out = reconstruct(sample_params(state), state.rest)
+  return np.asarray(multihost_utils.process_allgather(out, tiled=True))

@@ -24,7 +24,7 @@ from scaler import state as state_lib
 from scaler.checkpoint import Checkpointer
 from scaler.data import BatchLoader, fingerprint, load_source, to_global
 from scaler.loop import Loop, NonFiniteError, Preempted  # noqa: F401 - re-exported
-from scaler.sampling import draw_samples, sample_params  # noqa: F401 - re-exported
+from scaler.sampling import draw_reconstructions, draw_samples, sample_params  # noqa: F401
 from scaler.step import make_train_step
 
 log = logging.getLogger("scaler")
@@ -127,11 +127,20 @@ def finish(run: Run, state, last: dict) -> None:
   """Stage 6: samples, curves and final metrics. Every process samples; process 0 writes."""
   exp, tcfg = run.exp, run.exp.cfg.train
   samples = draw_samples(exp, state, tcfg.num_samples, seed=0)
+  test = load_source(exp.cfg.data, "test")
+  recons = None
+  if exp.family.reconstruct is not None:   # an autoencoder: held-out reconstructions too
+    held_out = {"x": test.x[:32]} if test.label is None else {
+        "x": test.x[:32], "label": test.label[:32]}
+    recons = draw_reconstructions(exp, state, held_out)
   if jax.process_index() != 0:
     return
-  test = load_source(exp.cfg.data, "test")
   plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(test.x[:len(samples)]),
                 run.run_dir / "samples.png", kind=exp.spec.kind)
+  if recons is not None:
+    plots.reconstructions(exp.spec.denormalize(test.x[:len(recons)]),
+                          exp.spec.denormalize(recons), run.run_dir / "reconstructions.png",
+                          kind=exp.spec.kind)
   plots.curves(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
   (run.run_dir / "final_metrics.json").write_text(json.dumps(last, indent=1))
 

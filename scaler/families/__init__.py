@@ -1,7 +1,12 @@
 """Families by config name: name -> (config dataclass, family class)."""
 
 from scaler.families.diffusion import DiffusionConfig, DiffusionFamily
+from scaler.families.gan import GANConfig, GANFamily
+from scaler.families.vae import VAEConfig, VAEFamily, VQVAEConfig, VQVAEFamily
 
 FAMILIES = {
     "diffusion": (DiffusionConfig, DiffusionFamily),
+    "vae": (VAEConfig, VAEFamily),
+    "vqvae": (VQVAEConfig, VQVAEFamily),
+    "gan": (GANConfig, GANFamily),
 }
