@@ -78,11 +78,13 @@ class VQVAEConfig:
 
 
 class LearnedScale(nnx.Module):
-  """A decoder with one trained log sigma for its Gaussian likelihood."""
+  """A decoder with a trained log sigma for its Gaussian likelihood: one per feature for
+  vectors (standardised features keep different noise levels), one shared by all
+  pixels for images (a pixel that is always black would drive its own sigma to 0)."""
 
-  def __init__(self, net):
+  def __init__(self, net, shape):
     self.net = net
-    self.log_sigma = nnx.Param(jnp.zeros(()), out_sharding=())
+    self.log_sigma = nnx.Param(jnp.zeros(shape), out_sharding=(None,) * len(shape))
 
   def __call__(self, z, label_B=None, train: bool = True):
     return self.net(z, label_B, train)
@@ -143,6 +145,7 @@ class VAEFamily(FamilyDefaults):
       raise UserError("family.likelihood=bernoulli is for images (intensities as "
                       "probabilities); this data is vectors: use gaussian")
     self.learned_sigma = (not self.bernoulli and cfg.likelihood.cfg.sigma == "learned")
+    self.sigma_shape = () if spec.kind == "image" else self.data_shape
 
   def init(self, rngs):
     kw = dict(precision=self.precision, rngs=rngs)
@@ -150,7 +153,8 @@ class VAEFamily(FamilyDefaults):
     decoder = self.net_cls.decoder(self.net_cfg, (latent,), self.data_shape, k, **kw)
     return {"encoder": self.net_cls.encoder(self.net_cfg, self.data_shape, (2 * latent,), k,
                                             **kw),
-            "decoder": LearnedScale(decoder) if self.learned_sigma else decoder}
+            "decoder": LearnedScale(decoder, self.sigma_shape) if self.learned_sigma
+                       else decoder}
 
   @property
   def updates(self):
@@ -202,7 +206,7 @@ class VAEFamily(FamilyDefaults):
     metrics = {"recon": nll, "kl": kl, "elbo": -(nll + kl), "beta": beta,
                "mse": jnp.mean(mse_B)}
     if self.learned_sigma:
-      metrics["sigma"] = jnp.exp(nets["decoder"].log_sigma[...])
+      metrics["sigma"] = jnp.mean(jnp.exp(nets["decoder"].log_sigma[...]))
     return LossOut(nll + beta * kl, metrics)
 
   def evaluate(self, nets, extra, batch, rng):

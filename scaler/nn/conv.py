@@ -110,8 +110,11 @@ class ConvEncoder(nnx.Module):
     self.label = layers.embed(num_classes, channels[0], None, "conv_out", **kw) \
         if num_classes else None
     self.act_in = NormAct("none", channels[0], groups, act, **kw)
+    # No bias before a normalisation: BatchNorm removes it (its gradient is zero up to
+    # rounding, which Adam blows up to full-size steps of random sign), the others mostly.
+    bias = norm == "none"
     self.down = nnx.List([
-        layers.conv(channels[i - 1], channels[i], (4, 4), strides=2, **kw)
+        layers.conv(channels[i - 1], channels[i], (4, 4), strides=2, use_bias=bias, **kw)
         for i in range(1, len(channels))])
     self.norms = nnx.List([NormAct(norm, channels[i], groups, act, **kw)
                            for i in range(1, len(channels))])
@@ -157,16 +160,19 @@ class ConvDecoder(nnx.Module):
     h, w, c = data_shape
     scale = 2 ** (len(channels) - 1)
     self.grid = (h // scale, w // scale, channels[-1])
+    bias = norm == "none"   # none before a normalisation, as in the encoder
     if len(self.latent_shape) == 3:
-      self.inp = layers.conv(self.latent_shape[-1], channels[-1], (3, 3), in_role=None, **kw)
+      self.inp = layers.conv(self.latent_shape[-1], channels[-1], (3, 3), in_role=None,
+                             use_bias=bias, **kw)
     else:
       self.inp = layers.dense(math.prod(self.latent_shape), math.prod(self.grid), None,
-                              "embed", **kw)
+                              "embed", use_bias=bias, **kw)
     self.label = layers.embed(num_classes, channels[-1], None, "conv_out", **kw) \
         if num_classes else None
     self.act_in = NormAct(norm, channels[-1], groups, act, **kw)
     self.up = nnx.List([
-        layers.conv_transpose(channels[i], channels[i - 1], (4, 4), strides=2, **kw)
+        layers.conv_transpose(channels[i], channels[i - 1], (4, 4), strides=2,
+                              use_bias=bias, **kw)
         for i in range(len(channels) - 1, 0, -1)])
     self.norms = nnx.List([NormAct(norm, channels[i - 1], groups, act, **kw)
                            for i in range(len(channels) - 1, 0, -1)])
