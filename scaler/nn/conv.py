@@ -165,8 +165,12 @@ class ConvDecoder(nnx.Module):
       self.inp = layers.conv(self.latent_shape[-1], channels[-1], (3, 3), in_role=None,
                              use_bias=bias, **kw)
     else:
+      # The first feature map, flattened: it plays a conv's output channels. Why not
+      # `embed`: with it on fsdp (fsdp_tensor rules) XLA 0.10.2 computes wrong gradients
+      # for this dense -> reshape -> transposed conv -> conv on 2x2 and 2x4 fsdp x tensor
+      # meshes (missing reduction; openxla/xla#40034 looks alike); on tensor they are right.
       self.inp = layers.dense(math.prod(self.latent_shape), math.prod(self.grid), None,
-                              "embed", use_bias=bias, **kw)
+                              "conv_out", use_bias=bias, **kw)
     self.label = layers.embed(num_classes, channels[-1], None, "conv_out", **kw) \
         if num_classes else None
     self.act_in = NormAct(norm, channels[-1], groups, act, **kw)
