@@ -53,3 +53,36 @@ def assert_bitwise(a, b):
   assert len(leaves_a) == len(leaves_b)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), leaves_b):
     np.testing.assert_array_equal(_plain(x), _plain(y), err_msg=jax.tree_util.keystr(path))
+
+
+def train_and_sample(config: str, run_dir, num=2000, *overrides):
+  """`scaler train CONFIG --debug` as shipped (plus `overrides`), then `scaler sample`:
+  (samples in data space, the run's final metrics)."""
+  import json
+
+  from test_cli import scaler
+  out = scaler("train", str(CONFIGS / config), "--debug", "--run-dir", str(run_dir), *overrides)
+  assert out.returncode == 0, out.stderr[-3000:]
+  npz = run_dir.parent / f"{run_dir.name}_samples.npz"
+  out = scaler("sample", str(run_dir), "--num", str(num), "--out", str(npz))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return np.load(npz)["samples"], json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def digits_classifier():
+  """A logistic regression on the training digits, in data space (the test's stand-in for
+  scaler/quality.py's classifier)."""
+  from sklearn.linear_model import LogisticRegression
+
+  from scaler.data import data_config, load_source
+  train = load_source(data_config("digits"), "train")
+  x = train.spec.denormalize(train.x).reshape(len(train.x), -1)
+  return LogisticRegression(max_iter=5000).fit(x, train.label)
+
+
+def recognised(classifier, images) -> tuple[float, float]:
+  """(mean confidence, entropy of the predicted classes / log 10) of data-space images."""
+  p = classifier.predict_proba(np.asarray(images).reshape(len(images), -1))
+  share = np.bincount(p.argmax(axis=1), minlength=10) / len(p)
+  entropy = -np.sum(share[share > 0] * np.log(share[share > 0]))
+  return float(p.max(axis=1).mean()), float(entropy / np.log(10))

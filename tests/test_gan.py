@@ -14,8 +14,8 @@ from scaler.errors import UserError
 from scaler.families.gan import gradient_penalty
 from scaler import experiment as experiment_lib
 from scaler.train import train
-from family_runs import (CONFIGS, PRESETS, assert_bitwise, final_state, load, metric,
-                         mesh_overrides, tiny)
+from family_runs import (PRESETS, assert_bitwise, digits_classifier, final_state, load,
+                         mesh_overrides, metric, recognised, tiny, train_and_sample)
 from test_cli import expect_user_error
 
 
@@ -169,3 +169,40 @@ def test_two_processes_under_fsdp_and_tensor_rules(tmp_path):
   for key in ("discriminator/loss", "generator/loss"):
     np.testing.assert_allclose(metric(tmp_path / "two", key), metric(tmp_path / "one", key),
                                rtol=1e-5, err_msg=key)
+
+
+# --- quality, trained as shipped ---
+
+CENTRES = 2.0 * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1)
+
+
+@pytest.mark.slow
+def test_gan_covers_all_eight_gaussians_and_beats_a_mixture(tmp_path):
+  from sklearn.mixture import GaussianMixture
+
+  from scaler.data import data_config, load_source
+  from test_quality import sliced_wasserstein
+  samples, final = train_and_sample("gan_eight_gaussians.yaml", tmp_path / "g")
+  dist = np.linalg.norm(samples[:, None] - CENTRES[None], axis=-1)
+  shares = np.bincount(dist.argmin(axis=1), minlength=8) / len(samples)
+  far = float(np.mean(dist.min(axis=1) > 0.5))   # 5 sigma of a mode (noise 0.1)
+  train_split = load_source(data_config("eight_gaussians"), "train")
+  test_split = load_source(data_config("eight_gaussians"), "test")
+  train_x = train_split.spec.denormalize(train_split.x)
+  test_x = test_split.spec.denormalize(test_split.x)[:2000]
+  gmm = GaussianMixture(n_components=8, random_state=0).fit(train_x).sample(2000)[0]
+  ours, baseline = sliced_wasserstein(samples, test_x), sliced_wasserstein(gmm, test_x)
+  print(f"mode shares {np.round(shares, 3)}, far {far:.3f}; sliced W1 to held-out: "
+        f"GAN {ours:.4f}, GMM(8) {baseline:.4f}; final {final}")
+  assert shares.min() >= 0.05, shares
+  assert far < 0.10, far
+  assert ours < baseline, (ours, baseline)
+
+
+@pytest.mark.slow
+def test_wgan_gp_digits_are_recognised(tmp_path):
+  samples, final = train_and_sample("wgan_gp_digits.yaml", tmp_path / "w", 1000)
+  confidence, entropy = recognised(digits_classifier(), samples)
+  print(f"WGAN-GP digits: confidence {confidence:.3f}, class entropy {entropy:.3f} of log 10; "
+        f"final {final}")
+  assert confidence >= 0.85 and entropy >= 0.9, (confidence, entropy)

@@ -13,8 +13,8 @@ from scaler import experiment as experiment_lib
 from scaler import state as state_lib
 from scaler.nn.quantizer import VectorQuantizer
 from scaler.train import train
-from family_runs import (PRESETS, assert_bitwise, final_state, load, metric, mesh_overrides,
-                         tiny)
+from family_runs import (PRESETS, assert_bitwise, digits_classifier, final_state, load,
+                         mesh_overrides, metric, recognised, tiny, train_and_sample)
 from test_cli import expect_user_error
 
 
@@ -189,3 +189,64 @@ def test_two_processes_under_fsdp_and_tensor_rules(tmp_path):
   for key in ("vqvae/loss", "vqvae/perplexity"):
     np.testing.assert_allclose(metric(tmp_path / "two", key), metric(tmp_path / "one", key),
                                rtol=1e-5, err_msg=key)
+
+
+# --- quality: short checks on the tiny runs, the shipped configs marked slow ---
+
+def test_tiny_runs_learn(one_device):
+  elbo = metric(one_device["vae"], "vae/elbo")
+  assert elbo[-5:].mean() > elbo[:5].mean() + 5, elbo       # nats per digit
+  mse = metric(one_device["vqvae"], "vqvae/mse")
+  assert mse[-5:].mean() < 0.7 * mse[:5].mean(), mse
+  assert metric(one_device["vqvae"], "vqvae/perplexity")[-1] > 16 / 4
+
+
+@pytest.mark.slow
+def test_vae_on_moons_beats_a_mixture(tmp_path):
+  from sklearn.mixture import GaussianMixture
+
+  from scaler.data import data_config, load_source
+  from test_quality import sliced_wasserstein
+  samples, final = train_and_sample("vae_moons.yaml", tmp_path / "m")
+  train_split = load_source(data_config("two_moons"), "train")
+  test_split = load_source(data_config("two_moons"), "test")
+  train_x = train_split.spec.denormalize(train_split.x)
+  test_x = test_split.spec.denormalize(test_split.x)[:2000]
+  gmm = GaussianMixture(n_components=8, random_state=0).fit(train_x).sample(2000)[0]
+  ours, baseline = sliced_wasserstein(samples, test_x), sliced_wasserstein(gmm, test_x)
+  print(f"sliced W1 to held-out: VAE {ours:.4f}, GMM(8) {baseline:.4f}; final {final}")
+  assert ours < baseline, (ours, baseline)
+
+
+@pytest.mark.slow
+def test_vae_digits_are_recognised(tmp_path):
+  samples, final = train_and_sample("vae_digits.yaml", tmp_path / "d", 1000)
+  confidence, entropy = recognised(digits_classifier(), samples)
+  print(f"VAE digits: confidence {confidence:.3f}, class entropy {entropy:.3f} of log 10; "
+        f"final {final}")
+  assert confidence >= 0.85 and entropy >= 0.9, (confidence, entropy)
+
+
+VQ_MSE_BOUND = 0.05   # per pixel, model space [-1, 1]; the digits' own variance is ~0.5
+
+
+@pytest.mark.slow
+def test_vqvae_reconstructs_held_out_digits(tmp_path):
+  from scaler.data import load_source
+  from scaler.evaluate import evaluate
+  from scaler import config as config_lib
+  _, final = train_and_sample("vqvae_digits.yaml", tmp_path / "q", 64)
+  cfg = config_lib.load(tmp_path / "q" / "config.yaml")
+  state, _, _ = final_state(cfg, tmp_path / "q")
+  exp = experiment_lib.build(cfg)
+  test = load_source(cfg.data, "test")
+  mse = evaluate(exp, state, test)["mse"]
+  codes = jax.jit(lambda p, r: exp.family.encode(state_lib.merge(exp.networks, p, r), test.x))(
+      state.params, state.rest)
+  usage = np.bincount(np.asarray(codes).ravel(), minlength=64) / codes.size
+  perplexity = float(np.exp(-np.sum(usage[usage > 0] * np.log(usage[usage > 0]))))
+  print(f"VQ-VAE held-out: mse {mse:.4f} (bound {VQ_MSE_BOUND}), code perplexity "
+        f"{perplexity:.1f} of 64; final {final}")
+  assert mse < VQ_MSE_BOUND, mse
+  assert perplexity > 64 / 2, perplexity
+  assert (tmp_path / "q" / "reconstructions.png").stat().st_size > 1000
