@@ -144,7 +144,8 @@ def loop_ratio(repeats=3, steps=400):
   dev = jax.devices()[:1]
   exp = experiment_lib.build(cfg, dev)
   p_step, params, opt = plain_step(exp)
-  data = load_source(cfg.data, "train").x
+  source = load_source(cfg.data, "train")
+  data = source.rows(np.arange(len(source)))["x"]
   key = jax.random.key(0)
   ours, plain = [], []
   for r in range(repeats):

@@ -16,19 +16,43 @@ import os
 import sys
 from pathlib import Path
 
+from launch import early_sigterm
+
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 42   # as commands.EXIT_PREEMPTED: resumable
+
+
+class _Help(argparse.HelpFormatter):
+  """Shows an option's default where it has one and its help does not say it already."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    silent = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+    if not silent and "default" not in text:
+      text += " (default: %(default)s)"
+    return text
 
 
 def _parser():
-  p = argparse.ArgumentParser(prog="scaler", description=__doc__.split("\n")[0])
+  fmt = _Help
+  p = argparse.ArgumentParser(prog="scaler", description=__doc__.split("\n")[0],
+                              formatter_class=fmt)
+  p.add_argument("--version", action="version", version=f"scaler {_version()}")
   sub = p.add_subparsers(dest="command", required=True)
 
-  t = sub.add_parser("train", help="train a config")
-  t.add_argument("config", help="a YAML config, e.g. configs/diffusion_moons.yaml")
-  t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-  t.add_argument("--run-dir", help="where checkpoints, metrics and plots go "
-                 "(default runs/<config name>); an existing one with checkpoints resumes")
-  t.add_argument("--resume-from", type=int, help="resume from this checkpoint step")
+  t = sub.add_parser("train", help="train a config, or go on with a run directory's own",
+                     formatter_class=fmt)
+  t.add_argument("config", nargs="?", help="a YAML config, e.g. configs/diffusion_moons.yaml; "
+                 "omit it with --run-dir to resume that run with its saved config")
+  t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=3e-4")
+  t.add_argument("--run-dir", help="where checkpoints, metrics and plots go (default: "
+                 "runs/<config name>-<hash of the resolved config>); one with checkpoints "
+                 "of the same config resumes")
+  t.add_argument("--resume-from", type=int, help="resume from this checkpoint step "
+                 "(default: the latest)")
+  t.add_argument("--allow-config-change", action="store_true",
+                 help="resume a run directory with a different config; the change is "
+                 "recorded in it and the new config saved beside the old")
   t.add_argument("--debug", action="store_true",
                  help="one process on simulated CPU devices, NaN/Inf checked every step")
   t.add_argument("--devices", type=int, help="simulated devices with --debug (default 8)")
@@ -46,24 +70,49 @@ def _parser():
   h.add_argument("--placement-timeout", type=float, default=45.0,
                  help="seconds to wait for the cluster to grant every host")
 
-  s = sub.add_parser("sample", help="draw samples from a trained run")
-  s.add_argument("run_dir")
-  s.add_argument("--num", type=int, default=1000)
-  s.add_argument("--out", required=True, help=".npz (array 'samples') or .png")
+  s = sub.add_parser("sample", help="draw samples from a trained run", formatter_class=fmt)
+  s.add_argument("run_dir", help="a run directory (scaler train's --run-dir)")
+  s.add_argument("--num", type=int, default=1000, help="number of samples")
+  s.add_argument("--out", required=True, help="an .npz (array 'samples') or .png to create")
   s.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--seed", type=int, default=0, help="sampling seed")
+  s.add_argument("--chunk", type=int, default=4096,
+                 help="samples drawn per call; larger --num is drawn in chunks and streamed")
   s.add_argument("--label", type=int, help="draw class K (a conditional run)")
 
-  lay = sub.add_parser("layout", help="parameter shardings and step memory, no training")
-  lay.add_argument("config")
-  lay.add_argument("overrides", nargs="*")
+  lay = sub.add_parser("layout", help="state shardings and step memory, no training",
+                       formatter_class=fmt)
+  lay.add_argument("config", help="a YAML config")
+  lay.add_argument("overrides", nargs="*", help="dotted key=value overrides")
   lay.add_argument("--devices", type=int, default=8, help="simulated devices")
 
-  e = sub.add_parser("export", help="write a parameters-only checkpoint for plain orbax")
-  e.add_argument("run_dir")
-  e.add_argument("--out", required=True)
-  e.add_argument("--step", type=int)
+  e = sub.add_parser("export", help="write a weights-only checkpoint for plain orbax",
+                     formatter_class=fmt)
+  e.add_argument("run_dir", help="a run directory (scaler train's --run-dir)")
+  e.add_argument("--out", required=True, help="a new (or empty) directory")
+  e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+
+  sub.add_parser("list", help="configs, families, networks, data sources, rule presets",
+                 formatter_class=fmt)
+
+  d = sub.add_parser("data", help="prepare datasets", formatter_class=fmt).add_subparsers(dest="data_command",
+                                                                     required=True)
+  c = d.add_parser("convert", help="an image folder, .npy or .npz -> ArrayRecord shards",
+                 formatter_class=fmt)
+  c.add_argument("src", help="a folder of images (one subfolder per class), .npy or .npz")
+  c.add_argument("--out", required=True, help="a new folder for the shards")
+  c.add_argument("--shards", type=int, default=1, help="ArrayRecord files to write")
+  c.add_argument("--key", help="the .npz array of images (default: its only one)")
+  c.add_argument("--label-key", help="the .npz array of integer labels")
   return p
+
+
+def _version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("scaler")
+  except metadata.PackageNotFoundError:
+    return "unknown"
 
 
 def simulate_devices(n: int) -> None:
@@ -95,13 +144,27 @@ def _parse(argv):
     parser.error(f"unrecognized arguments: {' '.join(unknown or late)}")
   if late:
     args.overrides = [*args.overrides, *late]
+  config = getattr(args, "config", None)
+  if config is not None and "=" in config and not Path(config).exists():
+    # `scaler train --run-dir DIR key=value`: the first override landed in `config`.
+    args.overrides, args.config = [config, *args.overrides], None
   return args
 
 
 def main(argv=None) -> None:
   args = _parse(argv)
-  configure_logging()
   multi_host = args.command == "train" and args.hosts is not None
+  one_process_train = args.command == "train" and not multi_host
+  if one_process_train:
+    early_sigterm.install()   # until JAX's notifier exists, a SIGTERM is only recorded
+  try:
+    _run(args, multi_host, one_process_train)
+  finally:
+    early_sigterm.release()
+
+
+def _run(args, multi_host: bool, one_process_train: bool) -> None:
+  configure_logging()
   if args.command == "train" and args.devices is not None and not args.debug:
     _fail(f"--devices {args.devices} simulates CPU devices and needs --debug; without it "
           "the run uses the machine's real devices (--devices-per-host with --hosts)")
@@ -118,13 +181,34 @@ def main(argv=None) -> None:
   from scaler.errors import UserError
   if multi_host:
     from launch import ray_launcher as commands  # the driver never imports jax
+  elif args.command == "data":
+    from launch import data_commands as commands
   else:
     from launch import commands
+  if one_process_train:
+    _preempted_at_start_up()
   try:
-    code = getattr(commands, args.command)(args)
+    code = getattr(commands, {"list": "show_list"}.get(args.command, args.command))(args)
   except UserError as e:
     _fail(str(e))
+  except KeyboardInterrupt:
+    print("\nscaler: interrupted", file=sys.stderr)
+    sys.exit(130)
   sys.exit(code or 0)
+
+
+def _preempted_at_start_up() -> None:
+  """Starts JAX's runtime (and its SIGTERM notifier); exits 42 if a SIGTERM came first.
+
+  `commands.train` starts the runtime too; here it is started a step earlier, so that
+  the hand-over from `early_sigterm` to JAX's notifier happens in one place.
+  """
+  from scaler import checkpoint_preemption
+  checkpoint_preemption.start_runtime()
+  if early_sigterm.hand_over(checkpoint_preemption.notifier_installed()):
+    print("scaler: preempted during start-up (SIGTERM before training began); nothing "
+          "to save; run the same command again to resume", flush=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _fail(message: str) -> None:

@@ -11,39 +11,67 @@ from scaler.errors import UserError
 EXIT_PREEMPTED = 42  # "preempted, resumable": the last step is saved and committed
 
 
-def _default_run_dir(config_path) -> Path:
-  return Path("runs") / Path(config_path).stem
+def train_config(args):
+  """The config and run directory `scaler train` means: CONFIG with its overrides, or the
+  saved config of `--run-dir` when no CONFIG is given."""
+  from scaler import run_dir as run_dir_lib
+
+  if args.config is None:
+    if not args.run_dir:
+      raise UserError("scaler train needs a CONFIG (e.g. configs/diffusion_moons.yaml), or "
+                      "--run-dir of a run to go on with its saved config")
+    saved = run_dir_lib.latest_config(Path(args.run_dir)) if Path(args.run_dir).is_dir() else None
+    if saved is None:
+      raise UserError(f"--run-dir {args.run_dir} holds no saved config to resume; give a "
+                      "CONFIG to start a run there")
+    return config_lib.load(saved[0], args.overrides), Path(args.run_dir)
+  cfg = config_lib.load(args.config, args.overrides)
+  run_dir = Path(args.run_dir) if args.run_dir else run_dir_lib.default_path(args.config, cfg)
+  return cfg, run_dir
 
 
-def _check_run_dir(run_dir: Path, ckpt_dir: Path, resume_from) -> None:
-  """A run directory is resumed when it holds checkpoints, and never overwritten."""
-  if resume_from is not None and not ckpt_dir.exists():
-    raise UserError(f"--resume-from {resume_from}: {ckpt_dir} holds no checkpoints")
-  if run_dir.exists() and any(run_dir.iterdir()) and not ckpt_dir.exists():
-    raise UserError(
-        f"run directory {run_dir} exists and holds no checkpoints to resume; "
-        f"choose a new --run-dir (nothing there is overwritten)")
+def _save_on_interrupt() -> None:
+  """The first Ctrl-C is a preemption (every process agrees on a step, saves it, exit 42);
+  a second one aborts at once. Needs the one-process runtime's preemption sync point."""
+  import os
+  import signal
+  import sys
+
+  def again(signum, frame):
+    print("\nscaler: interrupted again: stopping now, without a save", file=sys.stderr)
+    os._exit(130)
+
+  def first(signum, frame):
+    print("\nscaler: interrupted: saving at the next step (Ctrl-C again to stop at once)",
+          file=sys.stderr)
+    signal.signal(signal.SIGINT, again)
+    os.kill(os.getpid(), signal.SIGTERM)   # JAX's notifier takes it; see checkpoint_preemption
+
+  signal.signal(signal.SIGINT, first)
 
 
 def train(args) -> int:
   from scaler import checkpoint_preemption
   from scaler.train import Preempted, train as run_training
 
-  cfg = config_lib.load(args.config, args.overrides)
+  cfg, run_dir = train_config(args)
   # Before anything starts the backend: a one-process distributed runtime, so that
   # JAX's preemption notifier sees SIGTERM (a multi-host launch has started its own).
   checkpoint_preemption.start_runtime()
   checkpoint_preemption.forward_signal(cfg.checkpoint.preemption_signal)
-  run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
-  ckpt_dir = Path(cfg.checkpoint.directory or run_dir / "checkpoints")
-  if "://" not in str(cfg.checkpoint.directory or ""):
-    _check_run_dir(run_dir, ckpt_dir, args.resume_from)
+  if checkpoint_preemption.runtime_started():
+    _save_on_interrupt()
   try:
     final = run_training(cfg, run_dir, resume_from=args.resume_from,
-                         check_finite_every=1 if args.debug else None)
+                         check_finite_every=1 if args.debug else None,
+                         allow_config_change=args.allow_config_change)
   except Preempted as e:
     print(f"scaler: {e}")
     return EXIT_PREEMPTED
+  if final.get("nothing_to_do"):
+    print(f"scaler: run at step {final['step']} >= train.steps={cfg.train.steps}; nothing to "
+          f"do ({run_dir})")
+    return 0
   summary = " ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step")
   print(f"scaler: done at step {final.get('step')}: {summary}")
   print(f"scaler: run directory {run_dir}")
@@ -51,10 +79,12 @@ def train(args) -> int:
 
 
 def _load_run(run_dir: Path):
-  cfg_path = run_dir / "config.yaml"
-  if not cfg_path.is_file():
+  from scaler import run_dir as run_dir_lib
+
+  saved = run_dir_lib.latest_config(run_dir) if run_dir.is_dir() else None
+  if saved is None:
     raise UserError(f"{run_dir} is not a run directory: no config.yaml in it")
-  return config_lib.load(cfg_path)
+  return config_lib.load(saved[0])
 
 
 def _fit_mesh(cfg):
@@ -71,36 +101,65 @@ def _fit_mesh(cfg):
     return dataclasses.replace(cfg, mesh=config_lib.MeshConfig(), rules="data_parallel")
 
 
+MAX_PNG_SAMPLES = 4096   # a picture of more is unreadable; an .npz takes any number
+
+
+def _check_out(out: Path, num: int) -> None:
+  """Every reason `scaler sample` could not write `out`, before anything is drawn."""
+  if out.suffix not in (".npz", ".png"):
+    raise UserError(f"--out {out}: the file must end in .npz or .png")
+  if num < 1:
+    raise UserError(f"--num {num}: needs at least 1")
+  if out.suffix == ".png" and num > MAX_PNG_SAMPLES:
+    raise UserError(f"--num {num} is too many for a picture (at most {MAX_PNG_SAMPLES}); "
+                    "write an .npz for more")
+  if out.exists():
+    raise UserError(f"--out {out} exists; choose another name (nothing is overwritten)")
+  from scaler.run_dir import check_writable
+  check_writable(out.parent, "--out's directory")
+
+
 def sample(args) -> int:
-  import jax
+  from tqdm import tqdm
 
   from scaler import experiment as experiment_lib
   from scaler import plots
   from scaler.checkpoint import Checkpointer
-  from scaler.sampling import draw_samples
+  from scaler.data import read_spec
+  from scaler.sampling import NpyStream, draw_samples
+  from scaler.train import DATA_SPEC
 
   run_dir = Path(args.run_dir)
   out = Path(args.out)
-  if out.suffix not in (".npz", ".png"):
-    raise UserError(f"--out {out}: the file must end in .npz or .png")
-  if args.num < 1:
-    raise UserError(f"--num {args.num}: needs at least 1")
-  if out.exists():
-    raise UserError(f"--out {out} exists; choose another name (nothing is overwritten)")
+  _check_out(out, args.num)
+  if args.chunk < 1:
+    raise UserError(f"--chunk {args.chunk}: needs at least 1")
   cfg = _fit_mesh(_load_run(run_dir))
-  exp = experiment_lib.build(cfg)
+  # The run's saved data spec: sampling never opens the training data.
+  spec_path = run_dir / DATA_SPEC
+  exp = experiment_lib.build(cfg, spec=read_spec(spec_path) if spec_path.exists() else None)
   target = experiment_lib.abstract_target(exp)
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
   kw = {} if args.label is None else {"label": args.label}   # the family refuses a bad one
-  samples = exp.spec.denormalize(draw_samples(exp, state, args.num, seed=args.seed, **kw))
+  sizes = [min(args.chunk, args.num - i) for i in range(0, args.num, args.chunk)]
+  chunks = (exp.spec.denormalize(draw_samples(exp, state, n, seed=args.seed, chunk=i, **kw))
+            for i, n in enumerate(sizes))
+  bar = tqdm(total=args.num, desc="sample", unit="sample", disable=len(sizes) == 1)
   out.parent.mkdir(parents=True, exist_ok=True)
   if out.suffix == ".npz":
-    np.savez(out, samples=np.asarray(samples, np.float32))
+    # Streamed chunk by chunk into the archive: memory holds one chunk, not --num samples.
+    with NpyStream(out, "samples", (args.num, *exp.spec.shape)) as stream:
+      for chunk in chunks:
+        stream.write(np.asarray(chunk, np.float32))
+        bar.update(len(chunk))
   else:
+    samples = np.concatenate([c for c in chunks])
+    bar.update(len(samples))
     plots.samples(samples, None, out, kind=exp.spec.kind)
+  bar.close()
   print(f"scaler: {args.num} samples from step {step} -> {out}")
   return 0
 
@@ -172,5 +231,35 @@ def export(args) -> int:
   cfg = _load_run(run_dir)
   out = export_params(cfg.checkpoint.directory or str(run_dir / "checkpoints"), args.step,
                       args.out)
+  if "://" not in str(out):
+    # What it takes to use the weights without the run: the resolved config beside them.
+    import shutil
+
+    from scaler.train import DATA_SPEC
+    config_lib.dump(cfg, Path(out) / "scaler_config.yaml")
+    if (run_dir / DATA_SPEC).is_file():   # the normalisation, to map samples to data space
+      shutil.copy(run_dir / DATA_SPEC, Path(out) / DATA_SPEC)
   print(f"scaler: exported parameters to {out or args.out}")
+  return 0
+
+
+def show_list(args) -> int:
+  """What a config can name: the shipped configs and every registry."""
+  from scaler.data.config import DATA_SOURCES
+  from scaler.families import FAMILIES
+  from scaler.nn.registry import NETWORKS
+  from scaler.optim import OPTIMIZERS
+  from scaler.partitioning import PRESETS
+
+  root = Path(__file__).resolve().parents[1] / "configs"
+  configs = sorted(root.glob("*.yaml"))
+  print("configs (" + str(root) + "):")
+  for path in configs:
+    first = next((l[1:].strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
+    print(f"  {path.name:<28} {first}")
+  for title, names in (("families", FAMILIES), ("networks (model.name)", NETWORKS),
+                       ("data sources (data.source)", DATA_SOURCES),
+                       ("optimizers (optimizer.name)", OPTIMIZERS),
+                       ("rule presets (rules)", PRESETS)):
+    print(f"{title}: {', '.join(sorted(names))}")
   return 0

@@ -20,6 +20,9 @@ import time
 import traceback
 from pathlib import Path
 
+from launch import early_sigterm
+from launch import heartbeat
+
 EXIT_OK = 0
 EXIT_CRASHED = 1          # an exception after the first step: restart
 EXIT_USER_ERROR = 2       # bad input (scaler.errors.UserError): never restart
@@ -39,6 +42,7 @@ def _parser():
   p.add_argument("--hosts", type=int, required=True)
   p.add_argument("--coordinator", required=True, help="host 0's address:port")
   p.add_argument("--status-file", required=True)
+  p.add_argument("--progress-file", help="where the heartbeat goes (launch/heartbeat.py)")
   p.add_argument("--attempt", type=int, default=0)
   p.add_argument("--init-timeout", type=int, default=120)
   p.add_argument("--stall-timeout", type=float, default=300.0)
@@ -84,8 +88,10 @@ def _on_stall(status_file, stall_s):
 def _inject_fault(rank: int, attempt: int) -> None:
   """SCALER_FAULT=KIND:RANK:STEP makes host RANK fail at STEP of the first attempt.
 
-  For the launcher tests: KIND is kill (SIGKILL), stall (sleep before the next step's
-  collectives), raise (an exception) or import (an ImportError at start-up, STEP unused).
+  For the launcher tests: KIND is kill (SIGKILL), stop (SIGSTOP: frozen, as a hung node),
+  stall (sleep before the next step's collectives), raise (an exception), import (an
+  ImportError at start-up) or startterm (SIGTERM at start-up); STEP is unused by the last
+  two.
   """
   spec = os.environ.get("SCALER_FAULT")
   if not spec or attempt != 0:
@@ -95,6 +101,9 @@ def _inject_fault(rank: int, attempt: int) -> None:
     return
   if kind == "import":
     raise ImportError("injected start-up fault (SCALER_FAULT)")
+  if kind == "startterm":   # SIGTERM while the host starts, before JAX's notifier exists
+    os.kill(os.getpid(), signal.SIGTERM)
+    return
   progress = _progress()
   beat = progress.beat
 
@@ -103,6 +112,8 @@ def _inject_fault(rank: int, attempt: int) -> None:
     if step == int(fault_step):
       if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+      elif kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
       elif kind == "term":
         os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier takes it; training goes on
       elif kind == "stall":
@@ -127,8 +138,18 @@ def _init_distributed(a) -> None:
       shutdown_timeout_seconds=SHUTDOWN_S)
 
 
+def _exit_if_preempted_at_start_up(status_file, jax_took_over: bool) -> None:
+  """Exits 42 if a SIGTERM came before JAX's notifier (see launch/early_sigterm.py)."""
+  if early_sigterm.hand_over(jax_took_over):
+    _report(status_file, EXIT_PREEMPTED, "preempted",
+            "preempted at start-up (SIGTERM before training began; nothing to save)")
+
+
 def main(argv=None) -> None:
   a = _parser().parse_args(argv)
+  early_sigterm.install()
+  if a.progress_file:
+    heartbeat.start(a.progress_file)
   train_argv = a.train_argv[1:] if a.train_argv[:1] == ["--"] else a.train_argv
   _die_with_parent()
   try:
@@ -141,12 +162,18 @@ def main(argv=None) -> None:
     _report(a.status_file, EXIT_STARTUP, "startup", f"{type(e).__name__}: {e}",
             traceback=traceback.format_exc())
 
+  if early_sigterm.received():   # no point in joining the group only to leave it
+    _exit_if_preempted_at_start_up(a.status_file, False)
   try:
     _init_distributed(a)
   except Exception as e:  # noqa: BLE001 - a peer or the coordinator went away: retry
+    if early_sigterm.received():
+      _exit_if_preempted_at_start_up(a.status_file, False)
     _report(a.status_file, EXIT_CRASHED, "crashed",
             f"jax.distributed.initialize failed: {type(e).__name__}: {e}",
             traceback=traceback.format_exc())
+  from scaler import checkpoint_preemption
+  _exit_if_preempted_at_start_up(a.status_file, checkpoint_preemption.notifier_installed())
 
   from launch import commands
   from scaler.errors import UserError

@@ -2,13 +2,18 @@
 
 A local instance started here is for one machine only: every Ray server listens on
 127.0.0.1, token authentication is on (a fresh token for this instance, kept in this
-process's environment, never written to disk) and no dashboard runs.
+process's environment, never written to disk), no dashboard runs and no port answers
+without the token: Ray's Prometheus metrics servers (the dashboard agent's export port,
+the autoscaler's and the dashboard head's) are not started. Its session directory lives
+in a temporary directory of its own, removed by `disconnect`.
 """
 
 import dataclasses
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 
 from scaler.errors import UserError
@@ -67,9 +72,39 @@ def connect(address: str | None, hosts: int) -> bool:
   os.environ["RAY_AUTH_MODE"] = "token"
   os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
   os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+  _no_metrics_servers()
+  # Short: Ray's socket paths under it must stay within 107 bytes.
+  _session_root[0] = tempfile.mkdtemp(prefix="scaler-ray-", dir="/tmp")
   import ray
-  ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+  ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=_session_root[0],
+           **quiet)
   return True
+
+
+_session_root = [None]   # the local instance's temporary directory, while it runs
+
+
+def _no_metrics_servers() -> None:
+  """Keeps Ray's Prometheus endpoints, which answer anyone, from starting.
+
+  The dashboard agent serves metrics only with metrics collection on. The autoscaler
+  monitor and the dashboard head (which runs, without its web frontend, also with
+  include_dashboard=False) start theirs on a port read from these variables and carry on
+  without them when it cannot be bound, as when another instance holds it; an invalid
+  port makes that certain. Read by the Ray processes this one starts.
+  """
+  os.environ["RAY_enable_metrics_collection"] = "0"
+  os.environ["AUTOSCALER_METRIC_PORT"] = "-1"
+  os.environ["DASHBOARD_METRIC_PORT"] = "-1"
+
+
+def disconnect() -> None:
+  """Leaves the cluster; a local instance stops and its session directory goes."""
+  import ray
+  ray.shutdown()
+  if _session_root[0] is not None:
+    shutil.rmtree(_session_root[0], ignore_errors=True)
+    _session_root[0] = None
 
 
 def _platform(resources: dict) -> str:

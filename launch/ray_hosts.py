@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import launch
+from launch import heartbeat
 
 # Variables a host must not inherit: coordination settings of another job or attempt,
 # and the cluster's secret, which a training process has no use for.
@@ -45,6 +46,43 @@ def host_env(base: dict, devices: int, simulate: bool, extra: dict) -> dict:
   return env
 
 
+def oom_counter(pid: int, root: str = "/sys/fs/cgroup") -> str | None:
+  """The file in which the kernel counts OOM kills in `pid`'s memory cgroup, if readable.
+
+  cgroup v2: `memory.events`; v1: `memory.oom_control`. Both have an `oom_kill N` line,
+  counted in the cgroup of the process that was killed.
+  """
+  try:
+    with open(f"/proc/{pid}/cgroup") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return None
+  for line in lines:
+    _, controllers, path = line.split(":", 2)
+    if controllers == "":
+      candidates = [f"{root}{path}/memory.events", f"{root}/unified{path}/memory.events"]
+    elif "memory" in controllers.split(","):
+      candidates = [f"{root}/memory{path}/memory.oom_control"]
+    else:
+      continue
+    for candidate in candidates:
+      if os.path.isfile(candidate) and oom_kills(candidate) is not None:
+        return candidate
+  return None
+
+
+def oom_kills(counter: str | None) -> int | None:
+  try:
+    with open(counter) as f:
+      for line in f:
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+          return int(value)
+  except (OSError, TypeError, ValueError):
+    pass
+  return None
+
+
 class HostActor:
   """Runs one host process per attempt; `poll` hands over its output and how it ended."""
 
@@ -55,6 +93,7 @@ class HostActor:
     self.ended_at = None
     self.dir = tempfile.mkdtemp(prefix=f"scaler-host{rank}-")
     self.status_file = os.path.join(self.dir, "status.json")
+    self.progress_file = os.path.join(self.dir, "progress.json")
 
   def address(self) -> tuple[str, int]:
     """This node's address and a port free on it (used by host 0, the coordinator)."""
@@ -67,10 +106,15 @@ class HostActor:
   def start(self, host_argv: list[str], devices: int, simulate: bool, extra_env: dict,
             cwd: str | None) -> int:
     env = host_env(dict(os.environ), devices, simulate, extra_env)
-    argv = [sys.executable, "-m", "launch.host", "--status-file", self.status_file, *host_argv]
+    argv = [sys.executable, "-m", "launch.host", "--status-file", self.status_file,
+            "--progress-file", self.progress_file, *host_argv]
+    self.started = time.time()
     self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True)
+    # Read now: once the process is gone, /proc no longer says where it was.
+    self.oom_counter = oom_counter(self.proc.pid)
+    self.oom_kills_before = oom_kills(self.oom_counter)
     self.pump = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
     self.pump.start()
     return self.proc.pid
@@ -88,7 +132,8 @@ class HostActor:
     self.ended_at = time.time()  # which host ended first tells cause from consequence
 
   def poll(self) -> dict:
-    """New output lines, the exit code (None while running) and the status file."""
+    """New output lines, the exit code (None while running), the status file, the host's
+    heartbeat and, for a SIGKILL, how many OOM kills its memory cgroup saw meanwhile."""
     code = self.proc.poll() if self.proc else None
     if code is not None:
       self.pump.join(timeout=5)  # the last lines (a traceback, a stack dump) come too
@@ -96,10 +141,16 @@ class HostActor:
     lines = []
     while self.lines:
       lines.append(self.lines.popleft())
-    status = None
+    status, oom = None, None
     if code is not None and os.path.exists(self.status_file):
       status = json.loads(Path(self.status_file).read_text())
-    return {"lines": lines, "code": code, "status": status, "ended_at": self.ended_at}
+    if code == -signal.SIGKILL and self.oom_kills_before is not None:
+      after = oom_kills(self.oom_counter)
+      oom = None if after is None else after - self.oom_kills_before
+    progress = (heartbeat.read(self.progress_file, self.proc.pid, self.started)
+                if self.proc else None)
+    return {"lines": lines, "code": code, "status": status, "ended_at": self.ended_at,
+            "progress": progress, "oom_kills": oom}
 
   def stop(self, sig: int = signal.SIGKILL, grace_s: float = 10.0) -> int | None:
     """Signals the host's process group, SIGKILLs it after `grace_s`, cleans up."""

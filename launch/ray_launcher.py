@@ -14,6 +14,7 @@ and preemptions have separate budgets, as in Levanter.
 
 import dataclasses
 import os
+import re
 import signal
 import sys
 import time
@@ -23,17 +24,22 @@ from launch import host as host_lib
 from launch import ray_cluster
 from scaler.errors import UserError
 
+# glog's fatal-error trace: "*** Check failure stack trace: ***", then "    @ 0x7f.. fn".
+_NATIVE_FRAME = re.compile(r"^\s*(@\s+0x[0-9a-f]+|\*\*\* Check failure stack trace)")
 MAX_PREEMPTIONS = 1000    # a preemption is the cluster's doing, not the job's
 POLL_S = 0.25
 ACTOR_START_S = 120       # actors (worker processes) up, or the node is taken as lost
 HOST_ANSWER_S = 30        # an actor that stays silent this long is taken as lost
 PREEMPT_GRACE_S = 60      # peers finish their coordinated save after the first one exits
 SETTLE_S = 1.5            # after a first failure, how long peers may still report theirs
+SLOW_S = 600              # before the first step (compile, restore), as the host's watchdog
+STOPPED_S = 2.0           # a host the kernel reports stopped (SIGSTOP), silent this long
+SILENT_S = 3.0            # once peers stall, a host silent this long is the frozen one
 
 
 @dataclasses.dataclass
 class Outcome:
-  kind: str                 # done lost killed stalled preempted user_error startup crashed
+  kind: str   # done lost killed frozen stalled preempted user_error startup crashed
   rank: int = -1
   message: str = ""
   traceback: str = ""
@@ -67,18 +73,19 @@ def _check_args(args) -> None:
 def _prepare_run(args) -> Path:
   """The checks a single process makes, made once here, before anything starts."""
   from launch import commands
-  from scaler import config as config_lib
+  from scaler import run_dir as run_dir_lib
 
-  cfg = config_lib.load(args.config, args.overrides)
-  run_dir = Path(args.run_dir) if args.run_dir else commands._default_run_dir(args.config)
-  ckpt_dir = Path(cfg.checkpoint.directory or run_dir / "checkpoints")
-  if "://" not in str(cfg.checkpoint.directory or ""):
-    commands._check_run_dir(run_dir, ckpt_dir, args.resume_from)
+  cfg, run_dir = commands.train_config(args)
+  run_dir_lib.plan(run_dir, cfg, allow_config_change=args.allow_config_change,
+                   resume_from=args.resume_from)
   return run_dir
 
 
 def _train_argv(args, run_dir: Path, attempt: int) -> list[str]:
-  argv = ["train", args.config, *args.overrides, "--run-dir", str(run_dir)]
+  argv = ["train", *([args.config] if args.config else []), *args.overrides,
+          "--run-dir", str(run_dir)]
+  if args.allow_config_change and attempt == 0:   # a restart resumes what attempt 0 saved
+    argv.append("--allow-config-change")
   if args.resume_from is not None and attempt == 0:  # a restart takes the latest save
     argv += ["--resume-from", str(args.resume_from)]
   if args.debug:
@@ -86,35 +93,50 @@ def _train_argv(args, run_dir: Path, attempt: int) -> list[str]:
   return argv
 
 
-def _classify(rank: int, code, status, ended_at) -> Outcome:
-  """How one host ended, from its exit code and the status file it wrote."""
+def _classify(rank: int, code, status, ended_at, oom_kills=None) -> Outcome:
+  """How one host ended, from its exit code, the status file it wrote and, for SIGKILL,
+  the OOM kills its memory cgroup counted while it ran (None: not readable)."""
   status = status or {}
   message = status.get("message", "")
   if code < 0:
     name = signal.Signals(-code).name
-    hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+    # SIGKILL also comes from people, schedulers and this launcher: out of memory only
+    # when the kernel's OOM killer was at work in the host's cgroup meanwhile.
+    hint = (" (out of memory: the kernel's OOM killer ran in its cgroup)"
+            if -code == signal.SIGKILL and oom_kills else "")
     return Outcome("killed", rank, f"was killed by {name}{hint}", ended_at=ended_at)
   kind = {host_lib.EXIT_PREEMPTED: "preempted", host_lib.EXIT_STALLED: "stalled",
           host_lib.EXIT_USER_ERROR: "user_error", host_lib.EXIT_STARTUP: "startup"}.get(
               code, "crashed")
-  text = {"preempted": "was preempted", "stalled": message or "stalled",
+  step = status.get("step", -1)
+  preempted = "was preempted" if step >= 0 else (
+      "was preempted at start-up (SIGTERM before training began; nothing to save)")
+  text = {"preempted": preempted, "stalled": message or "stalled",
           "user_error": message, "startup": f"failed at start-up: {message}"}.get(
               kind, f"failed (exit code {code}): {message or 'no report'}")
-  return Outcome(kind, rank, text, status.get("traceback", ""), status.get("step", -1),
-                 ended_at)
+  return Outcome(kind, rank, text, status.get("traceback", ""), step, ended_at)
 
 
 def root_cause(failures: list[Outcome]) -> Outcome:
   """The failure that brought the others down.
 
-  A host stuck before a collective holds its peers inside it: every watchdog fires, and
-  the stuck host is the one whose last step is lowest (the others dispatched ahead).
-  Otherwise the first host to end is the cause (peers abort after it, JAX's SIGABRT
-  included); a preemption counts only when it is all there is.
+  A frozen host (its heartbeat silent, seen from outside) is the cause, the first to go
+  silent if several: its peers stall after it inside collectives. A host stuck but alive
+  holds its peers the same way: every watchdog fires, and the stuck host is the one whose
+  last step is lowest (the others dispatched ahead). Otherwise the first host to end is
+  the cause (peers abort after it, JAX's SIGABRT included); a preemption counts only when
+  it is all there is, or when it came at start-up and ended first (its peers then fail
+  for want of it).
   """
+  frozen = [o for o in failures if o.kind == "frozen"]
+  if frozen:
+    return min(frozen, key=lambda o: o.ended_at)
   stalled = [o for o in failures if o.kind == "stalled"]
   if stalled:
     return min(stalled, key=lambda o: (o.step, o.ended_at))
+  first = min(failures, key=lambda o: o.ended_at)
+  if first.kind == "preempted" and first.step < 0:
+    return first
   real = [o for o in failures if o.kind != "preempted"] or failures
   return min(real, key=lambda o: o.ended_at)
 
@@ -138,6 +160,8 @@ class Attempt:
         max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(res.pg, i),
     ).remote(i) for i in range(args.hosts)]
     self.ended = [None] * args.hosts   # each host's Outcome, once it has ended
+    self.beats = [None] * args.hosts   # each host's last heartbeat (launch/heartbeat.py)
+    self.held = None                   # lines that came after the first failure
     self.summary = []
 
   def _start(self) -> None:
@@ -169,13 +193,50 @@ class Attempt:
                                    f"{type(e).__name__})", ended_at=time.time())
         continue
       for line in report["lines"]:
-        _out(f"[host {rank}] {line}")
+        if self.held is None:
+          _out(f"[host {rank}] {line}")
+        else:
+          self.held.append((rank, line))
         if rank == 0 and line.startswith("scaler: "):
           self.summary.append(line)
+      self.beats[rank] = report["progress"]
       code = report["code"]
       if code is not None:
         self.ended[rank] = (Outcome("done", rank) if code == 0 else
-                            _classify(rank, code, report["status"], report["ended_at"]))
+                            _classify(rank, code, report["status"], report["ended_at"],
+                                      report["oom_kills"]))
+
+  def _find_frozen(self, silent_s: float | None = None) -> None:
+    """Ends, as frozen, each running host whose heartbeat has gone silent.
+
+    Silent for the stall timeout (the host's own watchdog cannot fire: nothing in the
+    process runs), or stopped by a signal (SIGSTOP; not a debugger's brief trace stop);
+    with `silent_s`, once peers have stalled, silent that long.
+    """
+    now = time.time()
+    for rank, beat in enumerate(self.beats):
+      if self.ended[rank] is not None or beat is None:
+        continue
+      limit = self.args.stall_timeout if beat["step"] >= 0 else max(SLOW_S,
+                                                                    self.args.stall_timeout)
+      stopped = beat["state"] == "T"
+      if (beat["silent_s"] > limit or (stopped and beat["silent_s"] > STOPPED_S)
+          or (silent_s is not None and beat["silent_s"] > silent_s)):
+        where = f"after step {beat['step']}" if beat["step"] >= 0 else "before the first step"
+        why = " (its process is stopped, as by SIGSTOP)" if stopped else ""
+        self.ended[rank] = Outcome(
+            "frozen", rank, f"froze {where}: no sign of life for {beat['silent_s']:.0f} s"
+            f"{why}", step=beat["step"], ended_at=now - beat["silent_s"])
+
+  def _where_the_others_were(self, cause: Outcome) -> str:
+    steps = []
+    for rank in range(self.args.hosts):
+      ended, beat = self.ended[rank], self.beats[rank]
+      step = ended.step if ended is not None and ended.step >= 0 else (
+          beat["step"] if beat else -1)
+      if rank != cause.rank and step >= 0:
+        steps.append(f"{step} on host {rank}")
+    return f" (the others at steps {', '.join(steps)})" if steps else ""
 
   def run(self) -> Outcome:
     try:
@@ -188,24 +249,47 @@ class Attempt:
     first_failure = None
     while True:
       self._poll()
+      # Peers that stalled wait for someone: a host gone silent meanwhile is the one.
+      stalled = any(o is not None and o.kind == "stalled" for o in self.ended)
+      self._find_frozen(SILENT_S if stalled else None)
       failures = [o for o in self.ended if o is not None and o.kind != "done"]
       if all(o is not None for o in self.ended):
         break
       if failures:
         first_failure = first_failure or time.monotonic()
-        # Peers of a preempted host are still committing the save they agreed on.
-        wait = PREEMPT_GRACE_S if all(o.kind == "preempted" for o in failures) else SETTLE_S
-        if time.monotonic() - first_failure > wait:
+        self.held = [] if self.held is None else self.held
+        # Peers of a host preempted while training are still committing the save they
+        # agreed on; a host preempted at start-up (step -1) agreed on nothing.
+        saving = all(o.kind == "preempted" for o in failures) and any(
+            o.step >= 0 for o in failures)
+        if time.monotonic() - first_failure > (PREEMPT_GRACE_S if saving else SETTLE_S):
           break
       time.sleep(POLL_S)
     if not failures:
       return Outcome("done", 0, summary=self.summary)
     cause = root_cause(failures)
-    others = [o for o in self.ended if o is not None and o is not cause and o.step >= 0]
-    if cause.kind == "stalled" and others:
-      cause.message += " (the others at steps " + ", ".join(
-          f"{o.step} on host {o.rank}" for o in others) + ")"
+    if cause.kind in ("frozen", "stalled"):
+      cause.message += self._where_the_others_were(cause)
+    self._print_held(cause)
     return cause
+
+  def _print_held(self, cause: Outcome) -> None:
+    """The lines that came after the first failure, the consequences' stack traces cut.
+
+    A peer that loses the coordinator dies in JAX's C++ runtime with a fatal error and a
+    native stack trace of dozens of frames; printed in full, it buries the launcher's
+    summary, which follows, and its frames say nothing about the cause.
+    """
+    cut = {}
+    held = (self.held or []) + [(rank, None) for rank in range(self.args.hosts)]
+    for rank, line in held:
+      if line is not None and rank != cause.rank and _NATIVE_FRAME.match(line):
+        cut[rank] = cut.get(rank, 0) + 1
+        continue
+      if cut.get(rank):
+        _out(f"[host {rank}] ({cut.pop(rank)} lines of a native stack trace not shown)")
+      if line is not None:
+        _out(f"[host {rank}] {line}")
 
   def stop(self) -> None:
     """Kills every host process at once, then the actors."""
@@ -229,11 +313,11 @@ def train(args) -> int:
   _check_args(args)
   run_dir = _prepare_run(args)
   t0 = time.monotonic()
-  local = ray_cluster.connect(args.address, args.hosts)
-  import ray
-  signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop` and friends: tear down
+  # `ray job stop` and friends: tear down, also while Ray is still starting.
+  signal.signal(signal.SIGTERM, _interrupt)
   attempt = res = None
   try:
+    local = ray_cluster.connect(args.address, args.hosts)
     _say(f"Ray {'started on 127.0.0.1' if local else 'connected'} in "
          f"{time.monotonic() - t0:.1f} s")
     res = ray_cluster.reserve(args.hosts, args.devices_per_host, local, args.placement_timeout)
@@ -280,4 +364,4 @@ def train(args) -> int:
     if res is not None:
       from ray.util import remove_placement_group
       remove_placement_group(res.pg)
-    ray.shutdown()
+    ray_cluster.disconnect()

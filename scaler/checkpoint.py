@@ -3,14 +3,17 @@
 One directory per committed step. Orbax writes `<step>.orbax-checkpoint-tmp/` and renames
 it once every item is written, so a save killed half-way never looks like a step:
 
-    <directory>/<step>/state/    the state pytree (tensorstore OCDBT; each process its shards)
-                       data/     the data loader state (JSON)
-                       record/   scaler version, mesh, process count, data fingerprint (JSON)
+    <directory>/<step>/state/      the state pytree (tensorstore OCDBT; each process its shards)
+                       data/       the data loader state (JSON)
+                       record/     scaler version, mesh, process count, data fingerprint (JSON)
+                       checksums/  a checksum of every array, a digest of each JSON item
 
 The data item holds process 0's loader state alone. The loader is keyed on the global
 step and the seed, so that one state lets every process rebuild its own position, on any
 process count. Restore reads every array straight into the sharding the caller asks for,
-so a checkpoint moves between meshes without being gathered on one host.
+so a checkpoint moves between meshes without being gathered on one host. Every restored
+array is then checked against its checksum (`scaler/checkpoint_checksums.py`); a mismatch
+counts as an unreadable step.
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, record)
     ckpt.save(step, state, loader.get_state())    # every `cfg.every` steps, returns at once
@@ -30,6 +33,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib
 
 from scaler import checkpoint_checks as checks
+from scaler import checkpoint_checksums as sums
 from scaler import checkpoint_preemption as preemption
 from scaler.config import CheckpointConfig
 from scaler.errors import UserError
@@ -90,9 +94,24 @@ def _everyone(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _short(error: Exception, limit: int = 600) -> str:
-  text = f"{type(error).__name__}: {error}"
+def _cut(text: str, limit: int) -> str:
   return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _reason(error: Exception) -> tuple[str, str]:
+  """(the reason in one line, the details) of a failed restore.
+
+  Orbax wraps tensorstore's error ("OUT_OF_RANGE: Error reading "w/0.0" ...") in one that
+  opens with a dump of the tensorstore spec; the innermost cause says what is wrong.
+  """
+  chain = [error]
+  while (cause := chain[-1].__cause__ or chain[-1].__context__) and len(chain) < 10:
+    chain.append(cause)
+  root = chain[-1]
+  lines = str(root).strip().splitlines() or [""]
+  reason = _cut(f"{type(root).__name__}: {lines[0]}", 400)
+  details = "\n".join(f"{type(e).__name__}: {e}" for e in chain if e is not root or lines[1:])
+  return reason, _cut(details, 1500)
 
 
 class _Manager(ocp.CheckpointManager):
@@ -133,11 +152,14 @@ class Checkpointer:
     # read item metadata before it has saved or restored anything itself.
     handlers = {"state": ocp.StandardCheckpointHandler(),
                 "data": ocp.JsonCheckpointHandler(),
-                "record": ocp.JsonCheckpointHandler()}
+                "record": ocp.JsonCheckpointHandler(),
+                sums.ITEM: sums.ChecksumHandler()}
     self._mngr = _Manager(self.directory, item_handlers=handlers, options=options)
     self._saved = set()       # steps written by this process
     self._cleared = False
     self._committed = set()   # steps seen with orbax's commit file (never uncommitted again)
+    self._uncommitted = set()  # step directories without it, each reported once
+    self._unrestorable = {}    # step -> why it could not be restored, for `_set_aside_newer`
     if not preemption.runtime_started():
       log.debug("no distributed runtime: SIGTERM will not be detected "
                "(scaler.checkpoint_preemption.start_runtime starts one)")
@@ -157,11 +179,19 @@ class Checkpointer:
     if not self._cleared:
       self._clear_leftovers()
     self._set_aside_newer(step)
+    checksums = sums.Pending()
+    if not self._cfg.async_save:   # orbax's save returns only once the item is written
+      checksums.set(sums.stored(state, data_state, self._record))
     # `force=True` bypasses orbax's own save-interval policy: the decision is made above.
     self._mngr.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
-        record=ocp.args.JsonSave(self._record)))
+        record=ocp.args.JsonSave(self._record),
+        **{sums.ITEM: sums.ChecksumSave(checksums)}))
+    if self._cfg.async_save:
+      # Dispatched once orbax has copied the arrays off the devices, so that the two do
+      # not compete; still before the loop's next step can donate the state's buffers.
+      checksums.set(sums.stored(state, data_state, self._record))
     self._saved.add(step)
     return True
 
@@ -196,12 +226,20 @@ class Checkpointer:
       stamp = time.strftime("%Y%m%d-%H%M%S")
       for s in newer:
         target = self.directory / f"{s}.abandoned-{stamp}"
-        log.warning("checkpoint step %d in %s belongs to an abandoned run (resumed from an "
-                    "earlier step); moving it to %s", s, self.directory, target)
+        log.warning("checkpoint step %d in %s %s; moving it to %s before saving step %d",
+                    s, self.directory, self._why_set_aside(s), target, step)
         (self.directory / str(s)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("scaler_checkpoint_set_aside")
     self._mngr.reload()
+
+  def _why_set_aside(self, step: int) -> str:
+    if step in self._unrestorable:
+      return f"could not be restored ({self._unrestorable[step]})"
+    if step in self._uncommitted:
+      return f"has no commit marker ({checks.COMMIT_FILE}): its save never finished"
+    return ("is newer than the step this run resumed from (a later run from an earlier "
+            "step, e.g. --resume-from, abandons it)")
 
   def wait(self) -> None:
     """Blocks until the last save is committed; raises the error of a failed one."""
@@ -238,6 +276,13 @@ class Checkpointer:
         self._committed.add(s)
       if s in self._committed:
         steps.append(s)
+      elif s not in self._uncommitted:
+        self._uncommitted.add(s)
+        if jax.process_index() == 0:
+          log.warning("checkpoint step %d in %s has no commit marker (%s): its save did not "
+                      "finish (killed, or the directory was copied without the marker), or "
+                      "another process is still writing it; skipping it", s, self.directory,
+                      checks.COMMIT_FILE)
     return steps
 
   def latest_step(self) -> int | None:
@@ -277,15 +322,21 @@ class Checkpointer:
       except Exception as e:  # a truncated, missing or corrupt file surfaces as many types
         error = e
       if _everyone(error is None):
-        self._saved = {x for x in self._saved if x <= s}   # later ones are abandoned
-        return (*result, s)
-      reason = _short(error) if error else "failed on another process"
+        # Verified once every process has its arrays: the checksums are collectives, and
+        # their values global, so every process reaches the same verdict.
+        error = self._verify(s, *result)
+        if error is None:
+          self._saved = {x for x in self._saved if x <= s}   # later ones are abandoned
+          return result[0], result[1], s
+      reason, details = _reason(error) if error else ("failed on another process", "")
+      self._unrestorable[s] = reason
       problems.append(f"  step {s}: {reason}")
       if step is not None:
         raise UserError(f"checkpoint step {step} in {self.directory} cannot be restored: "
                         f"{reason}") from error
-      log.warning("\n%s\nCHECKPOINT STEP %d IN %s CANNOT BE RESTORED; trying the previous "
-                  "step. What is wrong:\n%s\n%s", "!" * 78, s, self.directory, reason, "!" * 78)
+      log.warning("\n%s\nCHECKPOINT STEP %d IN %s CANNOT BE RESTORED: %s\nTrying the "
+                  "previous step.%s\n%s", "!" * 78, s, self.directory, reason,
+                  f" Details:\n{details}" if details else "", "!" * 78)
     raise UserError(f"no checkpoint in {self.directory} can be restored:\n" + "\n".join(problems))
 
   def _restore_step(self, abstract_state, step: int):
@@ -299,12 +350,25 @@ class Checkpointer:
       raise UserError(f"checkpoint step {step} in {self.directory} does not fit the model "
                       "(a different architecture or optimizer?); arrays that differ:\n"
                       + "\n".join(mismatches))
-    restored = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(),
-        record=ocp.args.JsonRestore()))
+    items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore(),
+             "record": ocp.args.JsonRestore()}
+    if (self.directory / str(step) / sums.ITEM).exists():
+      items[sums.ITEM] = sums.ChecksumRestore()
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     self._compare_record(step, restored["record"], restored["data"])
-    return restored["state"], restored["data"]
+    return restored["state"], restored["data"], restored["record"], restored.get(sums.ITEM)
+
+  def _verify(self, step: int, state, data_state, record, saved) -> Exception | None:
+    """The ChecksumMismatch of a restored step, or None when it is intact."""
+    if saved is None:
+      log.warning("checkpoint step %d in %s has no checksums (saved by an older scaler): "
+                  "restored without verifying its arrays", step, self.directory)
+      return None
+    try:
+      sums.verify(saved, state, data_state, record)
+    except sums.ChecksumMismatch as e:
+      return e
+    return None
 
   def _compare_record(self, step: int, saved: dict, data_state) -> None:
     """Warns where the checkpoint was written against other data than this run's."""

@@ -37,16 +37,33 @@ def check_root(directory: str) -> None:
 
 
 def check_step_dir(root: epath.Path, step_dir: epath.Path) -> None:
-  """Refuses a step directory, or an item inside it, that resolves outside the root."""
+  """Refuses a step directory with anything under it, at any depth, that resolves
+  outside the root (tensorstore would follow a symbolic link wherever it points)."""
   if not is_local(root):
     return
   real_root = os.path.realpath(root)
-  paths = [step_dir] + (list(step_dir.iterdir()) if step_dir.is_dir() else [])
-  for path in paths:
+
+  def check(path) -> str:
     real = os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root:
       raise UserError(f"checkpoint path {path} resolves to {real}, outside the checkpoint "
                       f"directory {real_root}; refusing to read it")
+    return real
+
+  # Every path as a reader would open it, links followed (one that stays inside the root
+  # may lead to another that does not); each real directory is walked once, so a link
+  # back to an ancestor ends the walk instead of looping.
+  seen = {check(step_dir)}
+  for parent, dirs, files in os.walk(step_dir, followlinks=True):
+    for name in files:
+      check(os.path.join(parent, name))
+    fresh = []
+    for name in dirs:
+      real = check(os.path.join(parent, name))
+      if real not in seen:
+        seen.add(real)
+        fresh.append(name)
+    dirs[:] = fresh
 
 
 def is_committed(step_dir: epath.Path) -> bool:
@@ -74,8 +91,16 @@ def flat_shapes(tree) -> dict:
   tuple as a list, so keys are compared by name or index alone.
   """
   leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", np.shape(leaf)))
-          for path, leaf in leaves}
+  return {"/".join(_key_name(k) for k in path): _stored_shape(leaf) for path, leaf in leaves}
+
+
+def _stored_shape(leaf) -> tuple:
+  """The shape as orbax stores it: a typed PRNG key array as its key data (one more dim)."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return tuple(jax.eval_shape(jax.random.key_data,
+                                jax.ShapeDtypeStruct(leaf.shape, dtype)).shape)
+  return tuple(getattr(leaf, "shape", np.shape(leaf)))
 
 
 def shape_mismatches(saved_metadata, abstract_state) -> list[str]:

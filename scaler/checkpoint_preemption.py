@@ -40,6 +40,12 @@ def runtime_started() -> bool:
   return distributed.global_state.client is not None
 
 
+def notifier_installed() -> bool:
+  """True once JAX's preemption notifier handles SIGTERM (it has replaced any handler
+  installed before `jax.distributed.initialize`, e.g. `launch.early_sigterm`'s)."""
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -234,8 +234,9 @@ def _number(value) -> float | None:
   return None
 
 
-def build(cls, raw, section: str):
-  """Builds dataclass `cls` from a mapping, refusing unknown keys, bad types and ranges."""
+def build(cls, raw, section: str, chosen: str = ""):
+  """Builds dataclass `cls` from a mapping, refusing unknown keys, bad types and ranges.
+  `chosen` names the choice `cls` stands for (`source: npz`), for the message."""
   if raw is None:
     raw = {}
   if not isinstance(raw, dict):
@@ -245,7 +246,8 @@ def build(cls, raw, section: str):
   unknown = sorted(set(raw) - set(fields))
   if unknown:
     accepted = ", ".join(sorted(fields)) or "no keys"
-    raise UserError(f"unknown config key '{section}.{unknown[0]}'; '{section}' accepts: {accepted}")
+    raise UserError(f"unknown config key '{section}.{unknown[0]}'; '{section}'{chosen} "
+                    f"accepts: {accepted}")
   kwargs = {}
   for k, v in raw.items():
     f, key = fields[k], f"{section}.{k}"
@@ -281,7 +283,7 @@ def build_named(raw, section: str, registry: dict, key: str = "name",
     raise UserError(f"unknown {section} '{name}'; accepted: {', '.join(sorted(registry))}")
   entry = registry[name]
   cfg_cls = entry[0] if isinstance(entry, tuple) else entry
-  return Named(name, build(cfg_cls, raw, section))
+  return Named(name, build(cfg_cls, raw, section, f" with {key} {name}"))
 
 
 def _optimizers(raw, registry):

@@ -23,16 +23,13 @@ from scaler.sampling import sample_params
 
 def _batches(source, batch_size: int, rows, limit: int | None):
   """(this process's rows of each global batch, their mask), in order over the split."""
-  n = len(source.x) if limit is None else min(limit, len(source.x))
+  n = len(source) if limit is None else min(limit, len(source))
   lo, hi = rows
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size)
     mask = idx < n
     idx = np.where(mask, idx, 0)[lo:hi]
-    batch = {"x": source.x[idx]}
-    if source.label is not None:
-      batch["label"] = source.label[idx]
-    yield batch, mask[lo:hi].astype(np.float32)
+    yield source.rows(idx), mask[lo:hi].astype(np.float32)
 
 
 def evaluate(exp, state: state_lib.TrainState, source, *, limit: int | None = None,
@@ -57,7 +54,7 @@ def evaluate(exp, state: state_lib.TrainState, source, *, limit: int | None = No
 
   params = sample_params(state)
   total = {}
-  n = len(source.x) if limit is None else min(limit, len(source.x))
+  n = len(source) if limit is None else min(limit, len(source))
   num_batches = -(-n // exp.cfg.train.batch_size)
   for i, (batch, mask) in enumerate(_batches(source, exp.cfg.train.batch_size, rows, limit)):
     glob = to_global({**batch, "mask": mask}, batch_sharding, exp.cfg.train.batch_size)

@@ -10,6 +10,7 @@ as `{net: {...}}` of numpy arrays. To read them back with orbax alone:
 The arrays are read to host memory on one process (an offline step, not for a pod).
 """
 
+import json
 import logging
 
 import jax
@@ -18,18 +19,35 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from scaler import checkpoint_checks as checks
+from scaler import checkpoint_checksums as sums
 from scaler.errors import UserError
 
 log = logging.getLogger("scaler")
+
+
+def _verify(step_dir: epath.Path, key: str, weights) -> None:
+  """Refuses weights that differ from the checksums the step was saved with."""
+  stored = step_dir / sums.ITEM / "metadata"
+  if not stored.exists():
+    log.warning("checkpoint %s has no checksums (saved by an older scaler): exporting "
+                "without verifying its arrays", step_dir)
+    return
+  try:
+    sums.verify_part(json.loads(stored.read_text()), key, weights)
+  except sums.ChecksumMismatch as e:
+    raise UserError(f"checkpoint {step_dir} is corrupt ({e}); export another step with "
+                    "--step") from None
 
 
 def export(checkpoint_dir: str, step: int | None, out_dir: str) -> str:
   """Writes the weights of `step` (None: the latest committed one) to `out_dir`.
 
   Returns `out_dir`. Raises UserError for a non-empty `out_dir`, a missing
-  step or an unsafe checkpoint directory.
+  step, an unsafe checkpoint directory or arrays that fail their checksums.
   """
   out = epath.Path(checks.absolute(out_dir))
+  if out.exists() and not out.is_dir():
+    raise UserError(f"export directory {out_dir} exists and is a file; choose a new directory")
   if out.exists() and any(out.iterdir()):
     raise UserError(f"export directory {out_dir} exists and is not empty; choose another")
   checks.check_root(str(checkpoint_dir))
@@ -53,6 +71,7 @@ def export(checkpoint_dir: str, step: int | None, out_dir: str) -> str:
                                       saved[key])}
     weights = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))[key]
+  _verify(root / str(step), key, weights)
 
   with ocp.StandardCheckpointer() as writer:
     # `force` replaces an existing, empty, directory; non-empty ones were refused above.

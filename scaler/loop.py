@@ -98,6 +98,8 @@ class Loop:
             elapsed = time.perf_counter() - t0
             rate = (done - t0_step) / max(elapsed, 1e-9)
             values.update(perf.throughput(rate, self.flops, tcfg.batch_size, self.compute_dtype))
+            if getattr(self.loader, "bad_records", 0):   # skipped by data.skip_bad_records
+              values["data/bad_records"] = self.loader.bad_records
             writer.write(done, values)
             last = {"step": done, **{k: float(v) for k, v in values.items()}}
             t0, t0_step = time.perf_counter(), done

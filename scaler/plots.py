@@ -1,4 +1,4 @@
-"""Pictures of a run: samples (scatter or image grid) and training curves."""
+"""Pictures of a run: samples (scatter or image grid) beside held-out data, and curves."""
 
 import math
 from pathlib import Path
@@ -11,62 +11,129 @@ import numpy as np  # noqa: E402
 
 from scaler.metrics import read_jsonl  # noqa: E402
 
+MIN_GRID_PX = 512   # small images (8x8 digits) are scaled up to at least this
 
-def scatter(samples_Nx2, reference_Nx2, path: Path) -> None:
-  fig, axes = plt.subplots(1, 2, figsize=(9, 4.5), sharex=True, sharey=True)
-  for ax, pts, title in ((axes[0], reference_Nx2, "held-out data"),
-                         (axes[1], samples_Nx2, "samples")):
-    if pts is not None:
-      ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
-    ax.set_title(title)
+
+def _view(points_Nx2, quantile=0.005, margin=0.1):
+  """Axis limits that hold the bulk of the points: a few outliers must not shrink the
+  data to a dot. Returns ((xlo, xhi), (ylo, yhi))."""
+  lo = np.quantile(points_Nx2, quantile, axis=0)
+  hi = np.quantile(points_Nx2, 1 - quantile, axis=0)
+  pad = (hi - lo) * margin + 1e-6
+  return (lo[0] - pad[0], hi[0] + pad[0]), (lo[1] - pad[1], hi[1] + pad[1])
+
+
+def scatter(samples_Nx2, reference_Nx2, path: Path, title: str = "samples") -> None:
+  """Samples, beside held-out data when given, on the same axes."""
+  panels = [(samples_Nx2, title)]
+  if reference_Nx2 is not None:
+    panels.insert(0, (reference_Nx2, "held-out data"))
+  basis = reference_Nx2 if reference_Nx2 is not None else samples_Nx2
+  (xlo, xhi), (ylo, yhi) = _view(np.asarray(basis))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
+  for ax, (pts, title) in zip(axes[0], panels):
+    pts = np.asarray(pts)
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
+    outside = np.sum((pts[:, 0] < xlo) | (pts[:, 0] > xhi) | (pts[:, 1] < ylo) | (pts[:, 1] > yhi))
+    ax.set_title(title + (f" ({outside} of {len(pts)} outside the view)" if outside else ""),
+                 fontsize=9)
+    ax.set_xlim(xlo, xhi)
+    ax.set_ylim(ylo, yhi)
     ax.set_aspect("equal")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def image_grid(images_NxHxWxC, path: Path, ncols: int | None = None) -> None:
-  """Tiles images (values in their data range) into one PNG."""
+def grid(images_NxHxWxC, bounds=None) -> np.ndarray:
+  """Tiles images (values in their data range) into one array, scaled to [0, 1] (from
+  `bounds` (lo, hi) when given, else their own range) and up to at least MIN_GRID_PX on
+  its shorter side."""
   images = np.asarray(images_NxHxWxC, np.float32)
-  n = len(images)
-  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  n, h, w, c = images.shape
+  ncols = int(math.ceil(math.sqrt(n)))
   nrows = int(math.ceil(n / ncols))
-  lo, hi = float(images.min()), float(images.max())
-  images = (images - lo) / max(hi - lo, 1e-8)
-  h, w, c = images.shape[1:]
-  grid = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, c), np.float32)
+  lo, hi = bounds or (float(images.min()), float(images.max()))
+  images = np.clip((images - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+  out = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, c), np.float32)
   for i, img in enumerate(images):
     r, col = divmod(i, ncols)
-    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img
-  scale = max(1, 256 // grid.shape[0])
-  grid = np.kron(grid, np.ones((scale, scale, 1), np.float32))
-  plt.imsave(path, grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None)
+    out[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img
+  scale = max(1, int(math.ceil(MIN_GRID_PX / min(out.shape[:2]))))
+  return np.kron(out, np.ones((scale, scale, 1), np.float32))
+
+
+def _show(ax, grid_HxWxC):
+  c = grid_HxWxC.shape[-1]
+  if c in (3, 4):
+    ax.imshow(grid_HxWxC, interpolation="nearest")
+  else:  # one channel, or a count no colour map has: the first channel in grey
+    ax.imshow(grid_HxWxC[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+  ax.axis("off")
+
+
+def image_grid(images_NxHxWxC, path: Path, reference_NxHxWxC=None) -> None:
+  """A grid of every given image; held-out images beside it when given."""
+  panels = [(grid(images_NxHxWxC), f"samples ({len(images_NxHxWxC)})")]
+  if reference_NxHxWxC is not None and len(reference_NxHxWxC):
+    panels.insert(0, (grid(reference_NxHxWxC), "held-out data"))
+  height = max(p[0].shape[0] for p in panels)
+  width = sum(p[0].shape[1] for p in panels)
+  fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                           figsize=(width / 100 + 0.4 * len(panels), height / 100 + 0.4))
+  for ax, (g, title) in zip(axes[0], panels):
+    _show(ax, g)
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def samples(samples, reference, path: Path, kind: str) -> None:
-  """A scatter for 2D vectors, a grid of (at most 64) images for images."""
+  """A scatter for vectors (their first two coordinates), a grid for images; held-out
+  data beside them when `reference` is given."""
   samples = np.asarray(samples)
+  reference = None if reference is None else np.asarray(reference)
   if kind == "image":
-    image_grid(samples[:64], path)
-  elif samples.ndim == 2 and samples.shape[1] == 2:
-    scatter(samples, None if reference is None else np.asarray(reference), path)
-  else:  # other vectors: the first two coordinates
-    scatter(samples[:, :2], None if reference is None else np.asarray(reference)[:, :2], path)
+    image_grid(samples, path, reference)
+  else:
+    scatter(samples.reshape(len(samples), -1)[:, :2], None if reference is None else
+            reference.reshape(len(reference), -1)[:, :2], path)
+
+
+def _smooth(values, weight=0.9):
+  """TensorBoard's exponential smoothing, debiased."""
+  out, acc = [], 0.0
+  for i, v in enumerate(values):
+    acc = weight * acc + (1 - weight) * v
+    out.append(acc / (1 - weight ** (i + 1)))
+  return out
 
 
 def reconstructions(originals, recons, path: Path, kind: str) -> None:
-  """Held-out examples and their reconstructions: images in column pairs (original,
-  reconstruction), vectors as two scatters."""
+  """Held-out examples beside their reconstructions (the same grid positions), a scatter
+  of each for vectors."""
   originals, recons = np.asarray(originals), np.asarray(recons)
   if kind != "image":
-    scatter(recons[:, :2], originals[:, :2], path)
+    scatter(recons.reshape(len(recons), -1)[:, :2],
+            originals.reshape(len(originals), -1)[:, :2], path, title="reconstructions")
     return
-  pairs = np.stack([originals, recons], axis=1).reshape(-1, *originals.shape[1:])
-  image_grid(pairs, path, ncols=8)
+  # One grey scale for both, the originals' range: a reconstruction's error shows.
+  bounds = (float(originals.min()), float(originals.max()))
+  panels = [(grid(originals, bounds), "held-out data"), (grid(recons, bounds), "reconstructions")]
+  height, width = panels[0][0].shape[:2]
+  fig, axes = plt.subplots(1, 2, figsize=(2 * width / 100 + 0.8, height / 100 + 0.4))
+  for ax, (g, title) in zip(axes, panels):
+    _show(ax, g)
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def curves(metrics_path: Path, path: Path) -> None:
-  """Every `*/loss` series against the step, on a log scale when positive."""
+  """Every `*/loss` series against the step, smoothed where it is long, on a log scale
+  when positive; a single logged point shows as a marker."""
   if not Path(metrics_path).exists():
     return
   rows = read_jsonl(metrics_path)
@@ -75,8 +142,12 @@ def curves(metrics_path: Path, path: Path) -> None:
     return
   fig, ax = plt.subplots(figsize=(6, 4))
   for k in keys:
-    pts = [(r["step"], r[k]) for r in rows if k in r]
-    ax.plot(*zip(*pts), label=k)
+    steps, values = zip(*[(r["step"], r[k]) for r in rows if k in r])
+    if len(values) > 10:
+      line, = ax.plot(steps, values, alpha=0.25)
+      ax.plot(steps, _smooth(values), color=line.get_color(), label=f"{k} (smoothed)")
+    else:
+      ax.plot(steps, values, marker="o", label=k)
   if all(r[k] > 0 for r in rows for k in keys if k in r):
     ax.set_yscale("log")
   ax.set_xlabel("step")

@@ -9,10 +9,12 @@ only process 0 writes files.
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 import scaler
 from scaler import config as config_lib
@@ -20,14 +22,16 @@ from scaler import experiment as experiment_lib
 from scaler import mesh as mesh_lib
 from scaler import plots
 from scaler import rng as rng_lib
+from scaler import run_dir as run_dir_lib
 from scaler import state as state_lib
 from scaler.checkpoint import Checkpointer
-from scaler.data import BatchLoader, fingerprint, load_source, to_global
+from scaler.data import BatchLoader, fingerprint, load_source, read_spec, save_spec, to_global
 from scaler.loop import Loop, NonFiniteError, Preempted  # noqa: F401 - re-exported
 from scaler.sampling import draw_reconstructions, draw_samples, sample_params  # noqa: F401
 from scaler.step import make_train_step
 
 log = logging.getLogger("scaler")
+DATA_SPEC = "data_spec.json"  # the data's shape, kind, statistics and classes (JSON)
 
 
 @dataclasses.dataclass
@@ -43,7 +47,10 @@ class Run:
 def setup(cfg: config_lib.Config, run_dir, devices=None) -> Run:
   """Stage 1: data, mesh, family, shardings; every check that needs no compile."""
   jax.config.update("jax_threefry_partitionable", True)  # numbers independent of the mesh
-  train_source = load_source(cfg.data, "train")
+  # A run normalises with the statistics it started with, saved in its directory.
+  spec_path = Path(run_dir) / DATA_SPEC
+  saved = read_spec(spec_path) if spec_path.exists() else None
+  train_source = load_source(cfg.data, "train", spec=saved)
   exp = experiment_lib.build(cfg, devices, spec=train_source.spec)
   rows = mesh_lib.process_rows(exp.mesh, cfg.train.batch_size)
   return Run(exp, Path(run_dir), train_source, mesh_lib.batch_sharding(exp.mesh), rows)
@@ -58,12 +65,38 @@ def open_checkpoints(run: Run) -> Checkpointer:
       "process_count": jax.process_count(),
       "data_fingerprint": fingerprint(run.train_source),
   }
-  ckpt = Checkpointer(cfg.checkpoint.directory or str(run.run_dir / "checkpoints"),
+  return Checkpointer(cfg.checkpoint.directory or str(run.run_dir / "checkpoints"),
                       cfg.checkpoint, record)
-  if jax.process_index() == 0:
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, run.run_dir / "config.yaml")
-  return ckpt
+
+
+def banner(run: Run, state, start: int) -> None:
+  """What a user checks first: devices and mesh, model size, memory, where it writes."""
+  if jax.process_index() != 0:
+    return
+  exp, cfg = run.exp, run.exp.cfg
+  dev = jax.devices()[0]
+  log.info("run directory %s: %s", run.run_dir,
+           f"resumed from step {start}" if start else "fresh run")
+  log.info("%d %s device(s) (%s) in %d process(es); mesh %s; rules %s; precision %s/%s",
+           jax.device_count(), dev.platform, dev.device_kind, jax.process_count(),
+           " x ".join(f"{a}={n}" for a, n in exp.mesh.shape.items()),
+           cfg.rules if isinstance(cfg.rules, str) else "custom",
+           cfg.precision.params, cfg.precision.compute)
+
+  def per_device(tree):
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))
+
+  counts = ", ".join(f"{n} {sum(x.size for x in jax.tree.leaves(p)):,}"
+                     for n, p in state.params.items())
+  log.info("parameters: %s; bytes per device: params %s, optimizer %s, EMA %s, other %s",
+           counts, f"{per_device(state.params):,}", f"{per_device(state.opt_state):,}",
+           f"{per_device(state.ema):,}", f"{per_device((state.rest, state.extra)):,}")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def restore_or_init(run: Run, ckpt: Checkpointer, resume_from: int | None):
@@ -127,51 +160,67 @@ def finish(run: Run, state, last: dict) -> None:
   """Stage 6: samples, curves and final metrics. Every process samples; process 0 writes."""
   exp, tcfg = run.exp, run.exp.cfg.train
   samples = draw_samples(exp, state, tcfg.num_samples, seed=0)
-  test = load_source(exp.cfg.data, "test")
+  test = load_source(exp.cfg.data, "test", spec=exp.spec)
   recons = None
   if exp.family.reconstruct is not None:   # an autoencoder: held-out reconstructions too
-    held_out = {"x": test.x[:32]} if test.label is None else {
-        "x": test.x[:32], "label": test.label[:32]}
-    recons = draw_reconstructions(exp, state, held_out)
+    pairs = test.rows(np.arange(min(32, len(test))))
+    recons = draw_reconstructions(exp, state, pairs)
   if jax.process_index() != 0:
     return
-  plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(test.x[:len(samples)]),
+  held_out = test.rows(np.arange(min(len(samples), len(test))))["x"]
+  plots.samples(exp.spec.denormalize(samples), exp.spec.denormalize(held_out),
                 run.run_dir / "samples.png", kind=exp.spec.kind)
   if recons is not None:
-    plots.reconstructions(exp.spec.denormalize(test.x[:len(recons)]),
-                          exp.spec.denormalize(recons), run.run_dir / "reconstructions.png",
-                          kind=exp.spec.kind)
+    plots.reconstructions(exp.spec.denormalize(pairs["x"]), exp.spec.denormalize(recons),
+                          run.run_dir / "reconstructions.png", kind=exp.spec.kind)
   plots.curves(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
   (run.run_dir / "final_metrics.json").write_text(json.dumps(last, indent=1))
 
 
 def train(cfg: config_lib.Config, run_dir: Path, *, resume_from: int | None = None,
-          check_finite_every: int | None = None, devices=None,
-          stop_at: int | None = None) -> dict:
+          check_finite_every: int | None = None, devices=None, stop_at: int | None = None,
+          allow_config_change: bool = False) -> dict:
   """Trains `cfg` into `run_dir`; returns the last logged metrics.
 
+  Everything that can refuse the start (config, data, mesh, the run directory's config
+  and lock, the checkpoint to resume) runs before anything is written. A run already at
+  `train.steps` returns `{"step": S, "nothing_to_do": True}` and changes nothing.
   `stop_at` ends this run early at that step, with a save, as a preemption would; the
   schedule still runs to `train.steps`, so a later run resumes it exactly.
   """
   run = setup(cfg, run_dir, devices)
-  ckpt = open_checkpoints(run)
-  try:
-    state, loader, start = restore_or_init(run, ckpt, resume_from)
-    batches = iter(loader)
-    first = to_global(next(batches), run.batch_sharding, cfg.train.batch_size)
-    if start == 0:
-      state = data_init(run, state, first)
-    _, shardings = experiment_lib.abstract_shardings(run.exp)
-    train_key = jax.jit(lambda: rng_lib.stream(cfg.train.seed, "train"),
-                        out_shardings=mesh_lib.replicated(run.exp.mesh))()
-    compiled = compile_step(run.exp, shardings, run.batch_sharding).lower(
-        state, first, train_key).compile()
-    end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
-    loop = Loop(run, ckpt, compiled, loader, train_key,
-                check_every=check_finite_every or cfg.train.check_finite_every)
-    state, last = loop.run(state, first, batches, start, end)
-  finally:
-    ckpt.close()
-  if end == cfg.train.steps:
-    finish(run, state, last)
+  plan = run_dir_lib.plan(run.run_dir, cfg, allow_config_change=allow_config_change,
+                          resume_from=resume_from)
+  if plan.finished and resume_from is None:
+    log.info("run at step %d >= train.steps=%d; nothing to do", plan.latest_step,
+             cfg.train.steps)
+    return {"step": plan.latest_step, "nothing_to_do": True}
+  _barrier("scaler_run_dir_checked")   # every process has read the directory as it was
+  with run_dir_lib.Lock(run.run_dir, enabled=jax.process_index() == 0):
+    ckpt = open_checkpoints(run)
+    try:
+      state, loader, start = restore_or_init(run, ckpt, resume_from)
+      if jax.process_index() == 0:
+        # The config and the data's spec, only once the start can no longer be refused:
+        # with the spec, sampling and evaluation never need the training data.
+        plan.commit()
+        save_spec(run.train_source.spec, run.run_dir / DATA_SPEC)
+      banner(run, state, start)
+      batches = iter(loader)
+      first = to_global(next(batches), run.batch_sharding, cfg.train.batch_size)
+      if start == 0:
+        state = data_init(run, state, first)
+      _, shardings = experiment_lib.abstract_shardings(run.exp)
+      train_key = jax.jit(lambda: rng_lib.stream(cfg.train.seed, "train"),
+                          out_shardings=mesh_lib.replicated(run.exp.mesh))()
+      compiled = compile_step(run.exp, shardings, run.batch_sharding).lower(
+          state, first, train_key).compile()
+      end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+      loop = Loop(run, ckpt, compiled, loader, train_key,
+                  check_every=check_finite_every or cfg.train.check_finite_every)
+      state, last = loop.run(state, first, batches, start, end)
+    finally:
+      ckpt.close()
+    if end == cfg.train.steps:
+      finish(run, state, last)
   return last

@@ -69,15 +69,20 @@ def train_and_sample(config: str, run_dir, num=2000, *overrides):
   return np.load(npz)["samples"], json.loads((run_dir / "final_metrics.json").read_text())
 
 
+def split_data(source: str, split: str, num: int | None = None):
+  """(examples in data space, labels or None) of a built-in source's split."""
+  from scaler.data import data_config, load_source
+  data = load_source(data_config(source), split)
+  rows = data.rows(np.arange(len(data) if num is None else min(num, len(data))))
+  return data.spec.denormalize(rows["x"]), rows.get("label")
+
+
 def digits_classifier():
   """A logistic regression on the training digits, in data space (the test's stand-in for
   scaler/quality.py's classifier)."""
   from sklearn.linear_model import LogisticRegression
-
-  from scaler.data import data_config, load_source
-  train = load_source(data_config("digits"), "train")
-  x = train.spec.denormalize(train.x).reshape(len(train.x), -1)
-  return LogisticRegression(max_iter=5000).fit(x, train.label)
+  x, label = split_data("digits", "train")
+  return LogisticRegression(max_iter=5000).fit(x.reshape(len(x), -1), label)
 
 
 def recognised(classifier, images) -> tuple[float, float]:

@@ -31,8 +31,8 @@ def test_default_moons_beats_a_gaussian_mixture(tmp_path):
   train_x = load_source(cfg.data, "train")
   test_x = load_source(cfg.data, "test")
   # Compare in data space, as a user would.
-  train_data = np.asarray(train_x.spec.denormalize(train_x.x))
-  test_data = np.asarray(test_x.spec.denormalize(test_x.x))[:2000]
+  train_data = train_x.read(np.arange(len(train_x))).x
+  test_data = test_x.read(np.arange(len(test_x))).x[:2000]
   gmm = GaussianMixture(n_components=8, random_state=0).fit(train_data)
   gmm_samples = gmm.sample(2000)[0][np.random.default_rng(0).permutation(2000)]
 

@@ -89,7 +89,8 @@ def test_evaluate_averages_the_familys_metric_over_every_held_out_example(hooks)
   test = load_source(cfg.data, "test")
   got = evaluate(exp, state, test)
   net = state_lib.merge(exp.networks, state.params, state.rest)["net"]
-  expected = float(np.mean(np.mean((np.asarray(net(test.x)) - test.x) ** 2, axis=1)))
+  x = test.rows(np.arange(len(test)))["x"]
+  expected = float(np.mean(np.mean((np.asarray(net(x)) - x) ** 2, axis=1)))
   assert got["mse"] == pytest.approx(expected, rel=1e-5)
 
 

@@ -14,7 +14,8 @@ from scaler import state as state_lib
 from scaler.nn.quantizer import VectorQuantizer
 from scaler.train import train
 from family_runs import (PRESETS, assert_bitwise, digits_classifier, final_state, load,
-                         mesh_overrides, metric, recognised, tiny, train_and_sample)
+                         mesh_overrides, metric, recognised, split_data, tiny,
+                         train_and_sample)
 from test_cli import expect_user_error
 
 
@@ -205,13 +206,10 @@ def test_tiny_runs_learn(one_device):
 def test_vae_on_moons_beats_a_mixture(tmp_path):
   from sklearn.mixture import GaussianMixture
 
-  from scaler.data import data_config, load_source
   from test_quality import sliced_wasserstein
   samples, final = train_and_sample("vae_moons.yaml", tmp_path / "m")
-  train_split = load_source(data_config("two_moons"), "train")
-  test_split = load_source(data_config("two_moons"), "test")
-  train_x = train_split.spec.denormalize(train_split.x)
-  test_x = test_split.spec.denormalize(test_split.x)[:2000]
+  train_x, _ = split_data("two_moons", "train")
+  test_x, _ = split_data("two_moons", "test", 2000)
   gmm = GaussianMixture(n_components=8, random_state=0).fit(train_x).sample(2000)[0]
   ours, baseline = sliced_wasserstein(samples, test_x), sliced_wasserstein(gmm, test_x)
   print(f"sliced W1 to held-out: VAE {ours:.4f}, GMM(8) {baseline:.4f}; final {final}")
@@ -239,9 +237,10 @@ def test_vqvae_reconstructs_held_out_digits(tmp_path):
   cfg = config_lib.load(tmp_path / "q" / "config.yaml")
   state, _, _ = final_state(cfg, tmp_path / "q")
   exp = experiment_lib.build(cfg)
-  test = load_source(cfg.data, "test")
+  test = load_source(cfg.data, "test", spec=exp.spec)
   mse = evaluate(exp, state, test)["mse"]
-  codes = jax.jit(lambda p, r: exp.family.encode(state_lib.merge(exp.networks, p, r), test.x))(
+  test_x = test.rows(np.arange(len(test)))["x"]
+  codes = jax.jit(lambda p, r: exp.family.encode(state_lib.merge(exp.networks, p, r), test_x))(
       state.params, state.rest)
   usage = np.bincount(np.asarray(codes).ravel(), minlength=64) / codes.size
   perplexity = float(np.exp(-np.sum(usage[usage > 0] * np.log(usage[usage > 0]))))
