@@ -126,7 +126,7 @@ def sample(args) -> int:
   from scaler import plots
   from scaler.checkpoint import Checkpointer
   from scaler.data import read_spec
-  from scaler.sampling import NpyStream, draw_samples
+  from scaler.sampling import NpyStream, check_sample_options, draw_samples
   from scaler.train import DATA_SPEC
 
   run_dir = Path(args.run_dir)
@@ -139,11 +139,12 @@ def sample(args) -> int:
   spec_path = run_dir / DATA_SPEC
   exp = experiment_lib.build(cfg, spec=read_spec(spec_path) if spec_path.exists() else None)
   target = experiment_lib.abstract_target(exp)
+  kw = {} if args.label is None else {"label": args.label}
+  check_sample_options(exp, target, **kw)   # a bad label, before any file is read or made
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
-  kw = {} if args.label is None else {"label": args.label}   # the family refuses a bad one
   sizes = [min(args.chunk, args.num - i) for i in range(0, args.num, args.chunk)]
   chunks = (exp.spec.denormalize(draw_samples(exp, state, n, seed=args.seed, chunk=i, **kw))
             for i, n in enumerate(sizes))

@@ -1,5 +1,6 @@
 """Drawing samples from a train state: every process computes, every process gets them."""
 
+import inspect
 import zipfile
 
 import jax
@@ -8,6 +9,7 @@ from jax.experimental import multihost_utils
 
 from scaler import rng as rng_lib
 from scaler import state as state_lib
+from scaler.errors import UserError
 
 
 def sample_params(state: state_lib.TrainState) -> dict:
@@ -35,6 +37,19 @@ def draw_samples(exp, state: state_lib.TrainState, num: int, seed: int = 0, chun
 
   out = sample(sample_params(state), state.rest)
   return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+
+def check_sample_options(exp, target: state_lib.TrainState, **kw) -> None:
+  """Refuses sampling options (`label=K`) the family's `sample` does not name or rejects,
+  by tracing it on the abstract state: nothing is computed or written first."""
+  named = inspect.signature(exp.family.sample).parameters
+  for key, value in kw.items():
+    if key not in named:
+      raise UserError(f"--{key} {value}: family {exp.cfg.family.name} does not sample by "
+                      f"{key}; sample without --{key}")
+  jax.eval_shape(lambda params, rest: exp.family.sample(
+      state_lib.merge(exp.networks, params, rest), jax.random.key(0), 1, **kw),
+      sample_params(target), target.rest)
 
 
 def draw_reconstructions(exp, state: state_lib.TrainState, batch: dict, seed: int = 0):

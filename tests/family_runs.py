@@ -55,16 +55,28 @@ def assert_bitwise(a, b):
     np.testing.assert_array_equal(_plain(x), _plain(y), err_msg=jax.tree_util.keystr(path))
 
 
+QUALITY_TIMEOUT = 4 * 3600   # a shipped config trained in full on 2 loaded, shared cores
+
+
+def _scaler(*args):
+  """`scaler ARGS` in a fresh process on its own devices, without test_cli's 300 s limit."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", "launch", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=QUALITY_TIMEOUT)
+
+
 def train_and_sample(config: str, run_dir, num=2000, *overrides):
   """`scaler train CONFIG --debug` as shipped (plus `overrides`), then `scaler sample`:
   (samples in data space, the run's final metrics)."""
   import json
-
-  from test_cli import scaler
-  out = scaler("train", str(CONFIGS / config), "--debug", "--run-dir", str(run_dir), *overrides)
+  out = _scaler("train", str(CONFIGS / config), "--debug", "--run-dir", str(run_dir),
+                *overrides)
   assert out.returncode == 0, out.stderr[-3000:]
   npz = run_dir.parent / f"{run_dir.name}_samples.npz"
-  out = scaler("sample", str(run_dir), "--num", str(num), "--out", str(npz))
+  out = _scaler("sample", str(run_dir), "--num", str(num), "--out", str(npz))
   assert out.returncode == 0, out.stderr[-3000:]
   return np.load(npz)["samples"], json.loads((run_dir / "final_metrics.json").read_text())
 

@@ -14,9 +14,9 @@ from scaler.errors import UserError
 from scaler.families.gan import gradient_penalty
 from scaler import experiment as experiment_lib
 from scaler.train import train
-from family_runs import (PRESETS, assert_bitwise, digits_classifier, final_state, load,
-                         mesh_overrides, metric, recognised, split_data, tiny,
-                         train_and_sample)
+from family_runs import (PRESETS, QUALITY_TIMEOUT, assert_bitwise, digits_classifier,
+                         final_state, load, mesh_overrides, metric, recognised, split_data,
+                         tiny, train_and_sample)
 from test_cli import expect_user_error
 
 
@@ -47,6 +47,38 @@ def test_gradient_penalty_is_taken_at_the_interpolates():
   x_hat = (eps * real + (1 - eps) * fake).reshape(8, -1)
   expected = jnp.mean((jnp.linalg.norm(x_hat, axis=1) - 1) ** 2)
   assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["non_saturating", "hinge", "wgan_gp"])
+def test_each_loss_is_its_formula(loss):
+  # Stand-in networks with known outputs: G(z) = 0.5 z[:, :1] (a constant-free map), D(x)
+  # the mean of x. Each loss must be the formula in scaler/families/gan.py's docstring.
+  exp = experiment_lib.build(load("gan", f"family.loss={loss}", "model={name: mlp_gan}",
+                                  "data={source: eight_gaussians}",
+                                  "family.conditional=false"))
+  fam = exp.family
+  nets = {"generator": lambda z, label: 0.5 * z[:, :2],
+          "discriminator": lambda x, label: jnp.mean(x.reshape(x.shape[0], -1), axis=1)}
+  x = jax.random.normal(jax.random.key(0), (16, 2)) + 1.0
+  rng = jax.random.key(1)
+  d = fam.d_loss(nets, None, {"x": x}, rng, jnp.int32(0))
+  g = fam.g_loss(nets, None, {"x": x}, rng, jnp.int32(0))
+  z = jax.random.normal(jax.random.split(rng)[0], (16, fam.cfg.latent_dim))
+  d_real, d_fake = jnp.mean(x, axis=1), jnp.mean(0.5 * z[:, :2], axis=1)
+  d_fake_g = jnp.mean(0.5 * jax.random.normal(rng, (16, fam.cfg.latent_dim))[:, :2], axis=1)
+  expected_d, expected_g = {
+      "non_saturating": (jax.nn.softplus(-d_real) + jax.nn.softplus(d_fake),
+                         jax.nn.softplus(-d_fake_g)),
+      "hinge": (jax.nn.relu(1 - d_real) + jax.nn.relu(1 + d_fake), -d_fake_g),
+      # D is linear with input gradient 1/2 everywhere: |grad| = sqrt(2)/2.
+      "wgan_gp": (d_fake - d_real + 10.0 * (np.sqrt(2) / 2 - 1) ** 2, -d_fake_g),
+  }[loss]
+  assert float(d.loss) == pytest.approx(float(jnp.mean(expected_d)), rel=1e-5)
+  assert float(g.loss) == pytest.approx(float(jnp.mean(expected_g)), rel=1e-5)
+  assert float(d.metrics["real"]) == pytest.approx(float(jnp.mean(d_real)), rel=1e-5)
+  if loss == "wgan_gp":
+    assert float(d.metrics["wasserstein"]) == pytest.approx(
+        float(jnp.mean(d_real) - jnp.mean(d_fake)), rel=1e-5)
 
 
 # --- sharding, resume, schedules ---
@@ -178,6 +210,7 @@ CENTRES = 2.0 * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT)
 def test_gan_covers_all_eight_gaussians_and_beats_a_mixture(tmp_path):
   from sklearn.mixture import GaussianMixture
 
@@ -198,6 +231,7 @@ def test_gan_covers_all_eight_gaussians_and_beats_a_mixture(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT)
 def test_wgan_gp_digits_are_recognised(tmp_path):
   samples, final = train_and_sample("wgan_gp_digits.yaml", tmp_path / "w", 1000)
   confidence, entropy = recognised(digits_classifier(), samples)

@@ -13,9 +13,9 @@ from scaler import experiment as experiment_lib
 from scaler import state as state_lib
 from scaler.nn.quantizer import VectorQuantizer
 from scaler.train import train
-from family_runs import (PRESETS, assert_bitwise, digits_classifier, final_state, load,
-                         mesh_overrides, metric, recognised, split_data, tiny,
-                         train_and_sample)
+from family_runs import (PRESETS, QUALITY_TIMEOUT, assert_bitwise, digits_classifier,
+                         final_state, load, mesh_overrides, metric, recognised, split_data,
+                         tiny, train_and_sample)
 from test_cli import expect_user_error
 
 
@@ -148,6 +148,16 @@ def test_sample_a_label(trained, tmp_path, capsys):
 def test_bad_label_exits_2_with_one_line(trained, tmp_path, capsys, run, label, words):
   expect_user_error(capsys, ["sample", str(trained[run]), "--num", "4", "--out",
                              str(tmp_path / "s.npz"), "--label", label], *words)
+  assert not (tmp_path / "s.npz").exists()   # refused before anything is written
+
+
+def test_a_label_for_a_family_that_takes_none_is_refused():
+  from scaler import config as config_lib
+  from scaler.errors import UserError
+  from scaler.sampling import check_sample_options
+  exp = experiment_lib.build(config_lib.load(tiny("diffusion")))
+  with pytest.raises(UserError, match="--label 3: family diffusion does not sample by label"):
+    check_sample_options(exp, experiment_lib.abstract_target(exp), label=3)
 
 
 @pytest.mark.parametrize("name, overrides, words", [
@@ -176,18 +186,19 @@ def test_a_conditional_vae_needs_labelled_data(capsys, tmp_path):
 # --- two processes ---
 
 @pytest.mark.slow
-def test_two_processes_under_fsdp_and_tensor_rules(tmp_path):
+@pytest.mark.parametrize("name", ["vae", "vqvae"])
+def test_two_processes_under_fsdp_and_tensor_rules(tmp_path, name):
   from multiprocess import run_hosts
   run = ["train.steps=6", "train.log_every=2", "checkpoint.every=3", "train.num_samples=16",
          *mesh_overrides({"data": 1, "fsdp": 2, "tensor": 2}, "fsdp_tensor")]
-  outs = run_hosts(["train", tiny("vqvae"), *run, "--run-dir", str(tmp_path / "two")],
-                   tmp_path=tmp_path)
+  outs = run_hosts(["train", tiny(name), *run, "--run-dir", str(tmp_path / "two")],
+                   tmp_path=tmp_path, timeout=600)
   for code, out in outs:
     assert code == 0, out[-3000:]
   for picture in ("samples.png", "reconstructions.png"):
     assert (tmp_path / "two" / picture).stat().st_size > 500
-  train(load("vqvae", *run), tmp_path / "one", devices=jax.devices()[:4])
-  for key in ("vqvae/loss", "vqvae/perplexity"):
+  train(load(name, *run), tmp_path / "one", devices=jax.devices()[:4])
+  for key in KEYS[name]:
     np.testing.assert_allclose(metric(tmp_path / "two", key), metric(tmp_path / "one", key),
                                rtol=1e-5, err_msg=key)
 
@@ -203,6 +214,7 @@ def test_tiny_runs_learn(one_device):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT)
 def test_vae_on_moons_beats_a_mixture(tmp_path):
   from sklearn.mixture import GaussianMixture
 
@@ -217,6 +229,7 @@ def test_vae_on_moons_beats_a_mixture(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT)
 def test_vae_digits_are_recognised(tmp_path):
   samples, final = train_and_sample("vae_digits.yaml", tmp_path / "d", 1000)
   confidence, entropy = recognised(digits_classifier(), samples)
@@ -229,6 +242,7 @@ VQ_MSE_BOUND = 0.05   # per pixel, model space [-1, 1]; the digits' own variance
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT)
 def test_vqvae_reconstructs_held_out_digits(tmp_path):
   from scaler.data import load_source
   from scaler.evaluate import evaluate
