@@ -2,7 +2,7 @@
 
     scaler train configs/diffusion_moons.yaml --debug            # 8 simulated CPU devices
     scaler train CONFIG optimizer.lr=3e-4 mesh.fsdp=4 --run-dir runs/x
-    scaler sample runs/x --num 1000 --out samples.png
+    scaler sample runs/x --num 1000 --out samples.png [--label K]
     scaler layout CONFIG --devices 8
     scaler train CONFIG --hosts 2 --devices-per-host 2   # N host processes through Ray
     srun -n 4 scaler train CONFIG                        # one of N processes, without Ray

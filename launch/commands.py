@@ -131,7 +131,7 @@ def sample(args) -> int:
   from scaler import plots
   from scaler.checkpoint import Checkpointer
   from scaler.data import read_spec
-  from scaler.sampling import NpyStream, draw_samples
+  from scaler.sampling import NpyStream, check_sample_options, draw_samples
   from scaler.train import DATA_SPEC
 
   run_dir = Path(args.run_dir)
@@ -150,11 +150,13 @@ def sample(args) -> int:
   target = experiment_lib.abstract_target(exp)
   if args.from_buffer and target.extra is None:
     raise UserError(f"--from-buffer: family '{cfg.family.name}' keeps no replay buffer")
+  if args.from_buffer:
+    kw["from_buffer"] = True
+  check_sample_options(exp, target, **kw)   # a bad label, before any file is read or made
   ckpt = Checkpointer(cfg.checkpoint.directory or str(run_dir / "checkpoints"),
                       cfg.checkpoint, record={})
   state, _, step = ckpt.restore(target, args.step)
   ckpt.close()
-  kw = {"from_buffer": True} if args.from_buffer else {}
   sizes = [min(args.chunk, args.num - i) for i in range(0, args.num, args.chunk)]
   chunks = (exp.spec.denormalize(draw_samples(exp, state, n, seed=args.seed, chunk=i, **kw))
             for i, n in enumerate(sizes))

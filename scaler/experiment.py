@@ -45,7 +45,12 @@ def build_family(cfg: Config, spec):
                     Precision.from_config(cfg.precision))
 
 
-def _optimizers(cfg: Config, names: list[str]):
+def updates_per_step(family, names) -> dict:
+  """Optimizer updates each network takes per train step (a WGAN critic: n_critic)."""
+  return {n: sum(u.repeat for u in family.updates if n in u.networks) or 1 for n in names}
+
+
+def _optimizers(cfg: Config, names: list[str], family):
   if isinstance(cfg.optimizer, dict):
     unknown = sorted(set(cfg.optimizer) - set(names))
     if unknown:
@@ -55,9 +60,11 @@ def _optimizers(cfg: Config, names: list[str]):
     if missing:
       raise UserError(f"optimizer: per-network sections must cover every network; missing "
                       f"{', '.join(missing)} (the family's networks: {', '.join(names)})")
-  steps = cfg.train.steps
-  txs = {n: optim.optimizer(cfg.optimizer_for(n), steps) for n in names}
-  schedules = {n: optim.schedule(cfg.optimizer_for(n), steps) for n in names}
+  # Each schedule spans the network's own updates over the run (and its warm-up counts
+  # them): a critic updated n_critic times a step decays over n_critic * train.steps.
+  updates = {n: cfg.train.steps * k for n, k in updates_per_step(family, names).items()}
+  txs = {n: optim.optimizer(cfg.optimizer_for(n), updates[n]) for n in names}
+  schedules = {n: optim.schedule(cfg.optimizer_for(n), updates[n]) for n in names}
   return txs, schedules
 
 
@@ -102,7 +109,7 @@ def build(cfg: Config, devices=None, spec=None) -> Experiment:
   family = build_family(cfg, spec)
   _check_batch(cfg, mesh, family)
   networks = state_lib.describe(family)
-  txs, schedules = _optimizers(cfg, sorted(networks.graphdefs))
+  txs, schedules = _optimizers(cfg, sorted(networks.graphdefs), family)
   exp = Experiment(cfg, mesh, rules, spec, family, networks, txs, schedules)
   _, shardings = abstract_shardings(exp)  # every parameter's rule is checked here
   check_mesh_use(mesh, shardings, cfg.rules)

@@ -48,15 +48,16 @@ def scatter(views, reference_Nx2, path: Path) -> None:
   plt.close(fig)
 
 
-def grid(images_NxHxWxC) -> np.ndarray:
-  """Tiles images (values in their data range) into one array, scaled to [0, 1] and up
-  to at least MIN_GRID_PX on its shorter side."""
+def grid(images_NxHxWxC, bounds=None) -> np.ndarray:
+  """Tiles images (values in their data range) into one array, scaled to [0, 1] (from
+  `bounds` (lo, hi) when given, else their own range) and up to at least MIN_GRID_PX on
+  its shorter side."""
   images = np.asarray(images_NxHxWxC, np.float32)
   n, h, w, c = images.shape
   ncols = int(math.ceil(math.sqrt(n)))
   nrows = int(math.ceil(n / ncols))
-  lo, hi = float(images.min()), float(images.max())
-  images = (images - lo) / max(hi - lo, 1e-8)
+  lo, hi = bounds or (float(images.min()), float(images.max()))
+  images = np.clip((images - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
   out = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, c), np.float32)
   for i, img in enumerate(images):
     r, col = divmod(i, ncols)
@@ -116,6 +117,27 @@ def _smooth(values, weight=0.9):
     acc = weight * acc + (1 - weight) * v
     out.append(acc / (1 - weight ** (i + 1)))
   return out
+
+
+def reconstructions(originals, recons, path: Path, kind: str) -> None:
+  """Held-out examples beside their reconstructions (the same grid positions), a scatter
+  of each for vectors."""
+  originals, recons = np.asarray(originals), np.asarray(recons)
+  if kind != "image":
+    scatter({"reconstructions": recons.reshape(len(recons), -1)[:, :2]},
+            originals.reshape(len(originals), -1)[:, :2], path)
+    return
+  # One grey scale for both, the originals' range: a reconstruction's error shows.
+  bounds = (float(originals.min()), float(originals.max()))
+  panels = [(grid(originals, bounds), "held-out data"), (grid(recons, bounds), "reconstructions")]
+  height, width = panels[0][0].shape[:2]
+  fig, axes = plt.subplots(1, 2, figsize=(2 * width / 100 + 0.8, height / 100 + 0.4))
+  for ax, (g, title) in zip(axes, panels):
+    _show(ax, g)
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def curves(metrics_path: Path, path: Path) -> None:

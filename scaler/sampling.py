@@ -1,5 +1,6 @@
 """Drawing samples from a train state: every process computes, every process gets them."""
 
+import inspect
 import zipfile
 
 import jax
@@ -9,6 +10,7 @@ from jax.experimental import multihost_utils
 from scaler import partitioning
 from scaler import rng as rng_lib
 from scaler import state as state_lib
+from scaler.errors import UserError
 
 
 def sample_params(state: state_lib.TrainState) -> dict:
@@ -40,6 +42,33 @@ def draw_samples(exp, state: state_lib.TrainState, num: int, seed: int = 0, chun
   # heads, see partitioning.constrain) are split as the parameters are.
   with partitioning.activation_rules(exp.mesh, exp.rules):
     out = sample(sample_params(state), state.rest, state.extra)
+  return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+
+def check_sample_options(exp, target: state_lib.TrainState, **kw) -> None:
+  """Refuses sampling options (`label=K`) the family's `sample` does not name or rejects,
+  by tracing it on the abstract state: nothing is computed or written first."""
+  named = inspect.signature(exp.family.sample).parameters
+  for key, value in kw.items():
+    if key not in named:
+      flag = "--" + key.replace("_", "-")
+      raise UserError(f"{flag} {value}: family {exp.cfg.family.name} does not sample by "
+                      f"{key}; sample without {flag}")
+  jax.eval_shape(lambda params, rest, extra: exp.family.sample(
+      state_lib.merge(exp.networks, params, rest), jax.random.key(0), 1, extra=extra, **kw),
+      sample_params(target), target.rest, target.extra)
+
+
+def draw_reconstructions(exp, state: state_lib.TrainState, batch: dict, seed: int = 0):
+  """The family's `reconstruct` of a small host batch (held-out examples), on every
+  process. The batch enters as a constant: every process holds the same one."""
+
+  @jax.jit
+  def reconstruct(params, rest):
+    rng = jax.random.fold_in(rng_lib.stream(exp.cfg.train.seed, "sample"), seed)
+    return exp.family.reconstruct(state_lib.merge(exp.networks, params, rest), batch, rng)
+
+  out = reconstruct(sample_params(state), state.rest)
   return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
 

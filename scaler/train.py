@@ -29,7 +29,7 @@ from scaler import state as state_lib
 from scaler.checkpoint import Checkpointer
 from scaler.data import BatchLoader, fingerprint, load_source, read_spec, save_spec, to_global
 from scaler.loop import Loop, NonFiniteError, Preempted  # noqa: F401 - re-exported
-from scaler.sampling import draw_samples, sample_params  # noqa: F401 - re-exported
+from scaler.sampling import draw_reconstructions, draw_samples, sample_params  # noqa: F401
 from scaler.step import make_train_step
 
 log = logging.getLogger("scaler")
@@ -169,12 +169,19 @@ def finish(run: Run, state, last: dict) -> None:
   exp, tcfg = run.exp, run.exp.cfg.train
   views = {title: exp.spec.denormalize(draw_samples(exp, state, tcfg.num_samples, seed=0, **kw))
            for title, kw in exp.family.sample_views.items()}
+  test = load_source(exp.cfg.data, "test", spec=exp.spec)
+  recons = None
+  if exp.family.reconstruct is not None:   # an autoencoder: held-out reconstructions too
+    pairs = test.rows(np.arange(min(32, len(test))))
+    recons = draw_reconstructions(exp, state, pairs)
   if jax.process_index() != 0:
     return
-  test = load_source(exp.cfg.data, "test", spec=exp.spec)
   held_out = test.rows(np.arange(min(tcfg.num_samples, len(test))))["x"]
   plots.samples(views, exp.spec.denormalize(held_out),
                 run.run_dir / "samples.png", kind=exp.spec.kind)
+  if recons is not None:
+    plots.reconstructions(exp.spec.denormalize(pairs["x"]), exp.spec.denormalize(recons),
+                          run.run_dir / "reconstructions.png", kind=exp.spec.kind)
   plots.curves(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
   (run.run_dir / "final_metrics.json").write_text(json.dumps(last, indent=1))
 

@@ -4,9 +4,14 @@ from scaler.families.autoregressive import AutoregressiveConfig, AutoregressiveF
 from scaler.families.diffusion import DiffusionConfig, DiffusionFamily
 from scaler.families.ebm import EBMConfig, EBMFamily
 from scaler.families.flow import FlowConfig, FlowFamily
+from scaler.families.gan import GANConfig, GANFamily
+from scaler.families.vae import VAEConfig, VAEFamily, VQVAEConfig, VQVAEFamily
 
 FAMILIES = {
     "diffusion": (DiffusionConfig, DiffusionFamily),
+    "vae": (VAEConfig, VAEFamily),
+    "vqvae": (VQVAEConfig, VQVAEFamily),
+    "gan": (GANConfig, GANFamily),
     "flow": (FlowConfig, FlowFamily),
     "autoregressive": (AutoregressiveConfig, AutoregressiveFamily),
     "ebm": (EBMConfig, EBMFamily),

@@ -17,6 +17,8 @@ Everything else is optional, with the defaults of `FamilyDefaults`:
                            the result is saved, so a resume never repeats it
   evaluate(nets, extra, batch, rng) -> {name: per-example values (B,)}: held-out
                            metrics that `scaler/evaluate.py` averages over a split
+  reconstruct(nets, batch, rng) -> x_hat (B, ...): an autoencoder's reconstructions in
+                           model space; a run then writes held-out ones as a picture
   check_batch(batch_size, shards)   refuses, with a UserError naming the key, settings
                            that the global batch or the data x fsdp device count rule
                            out (an EBM's buffer size), before anything compiles
@@ -101,3 +103,4 @@ class FamilyDefaults:
 
   data_init = None      # or a method (nets, batch, rng) -> None, mutating the modules
   evaluate = None       # or a method (nets, extra, batch, rng) -> {name: (B,) values}
+  reconstruct = None    # or a method (nets, batch, rng) -> (B, ...) in model space
