@@ -121,6 +121,9 @@ class Plan:
                 self.latest_step, self.path / CHANGES, "\n  ".join(self.changes))
 
 
+PLACEMENT = ("mesh.", "rules:", "rules.")
+
+
 def _schedule_note(changes: list[str]) -> str:
   if any(line.startswith("train.steps:") for line in changes):
     return (" Raising train.steps extends the run: the learning-rate schedule is a function "
@@ -150,11 +153,14 @@ def plan(path, cfg: config_lib.Config, *, allow_config_change: bool = False,
     return Plan(path, cfg, steps[-1] if steps else None, [])
   saved_path, saved_cfg = saved
   changes = diff(saved_cfg, cfg.to_dict())
-  if changes and not allow_config_change:
-    shown = "; ".join(changes[:6]) + (f"; ... {len(changes) - 6} more" if len(changes) > 6 else "")
+  # A new mesh or rule table moves the same arrays onto another topology (the restore
+  # reshards them) and trains the same numbers: recorded like any change, never refused.
+  refused = [c for c in changes if not c.startswith(PLACEMENT)]
+  if refused and not allow_config_change:
+    shown = "; ".join(refused[:6]) + (f"; ... {len(refused) - 6} more" if len(refused) > 6 else "")
     raise UserError(f"run directory {path} was trained with another config ({saved_path.name}): "
                     f"{shown}. Use a new --run-dir, or pass --allow-config-change to go on "
-                    f"with the new config (the change is recorded).{_schedule_note(changes)}")
+                    f"with the new config (the change is recorded).{_schedule_note(refused)}")
   latest = resume_from if resume_from is not None else (steps[-1] if steps else None)
   return Plan(path, cfg, latest, changes)
 

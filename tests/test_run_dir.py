@@ -236,3 +236,20 @@ def test_ctrl_c_saves_and_the_resume_is_exact(tmp_path):
   a, _, _ = _final_state(cfg, run_dir)
   b, _, _ = _final_state(cfg, tmp_path / "straight")
   _assert_bitwise(a, b)
+
+
+def test_another_mesh_is_recorded_not_refused(tmp_path):
+  # Resuming on another topology is the point of resharded restores: the mesh and the
+  # rules may change without --allow-config-change; the change is still recorded.
+  run = tmp_path / "r"
+  run_dir_lib.plan(run, config_lib.load(TINY)).commit()
+  moved = config_lib.load(TINY, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
+                                 "rules=fsdp_tensor"])
+  plan = run_dir_lib.plan(run, moved)
+  assert "mesh.fsdp: 1 -> 2" in plan.changes and "rules: data_parallel -> fsdp_tensor" in plan.changes
+  plan.commit()
+  assert "mesh.tensor: 1 -> 2" in (run / run_dir_lib.CHANGES).read_text()
+  # A change of what is trained is still refused, and names only that key.
+  with pytest.raises(run_dir_lib.UserError) as e:
+    run_dir_lib.plan(run, config_lib.load(TINY, ["optimizer.lr=0.5"]))
+  assert "optimizer.lr" in str(e.value) and "mesh." not in str(e.value)

@@ -155,8 +155,12 @@ def test_a_label_for_a_family_that_takes_none_is_refused():
   from scaler import config as config_lib
   from scaler.errors import UserError
   from scaler.sampling import check_sample_options
+  exp = experiment_lib.build(config_lib.load(tiny("flow")))
+  with pytest.raises(UserError, match="--label 3: family flow does not sample by label"):
+    check_sample_options(exp, experiment_lib.abstract_target(exp), label=3)
+  # Diffusion samples by label when class-conditional; an unconditional run says so.
   exp = experiment_lib.build(config_lib.load(tiny("diffusion")))
-  with pytest.raises(UserError, match="--label 3: family diffusion does not sample by label"):
+  with pytest.raises(UserError, match="--label and --guidance need a class-conditional run"):
     check_sample_options(exp, experiment_lib.abstract_target(exp), label=3)
 
 
