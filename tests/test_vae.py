@@ -13,9 +13,9 @@ from scaler import experiment as experiment_lib
 from scaler import state as state_lib
 from scaler.nn.quantizer import VectorQuantizer
 from scaler.train import train
-from family_runs import (PRESETS, QUALITY_TIMEOUT, assert_bitwise, digits_classifier,
-                         final_state, load, mesh_overrides, metric, recognised, split_data,
-                         tiny, train_and_sample)
+from family_runs import (PRESETS, QUALITY_TIMEOUT, against_a_mixture, assert_bitwise,
+                         digits_classifier, final_state, load, mesh_overrides, metric,
+                         recognised, tiny, train_and_sample)
 from test_cli import expect_user_error
 
 
@@ -220,14 +220,8 @@ def test_tiny_runs_learn(one_device):
 @pytest.mark.slow
 @pytest.mark.timeout(QUALITY_TIMEOUT)
 def test_vae_on_moons_beats_a_mixture(tmp_path):
-  from sklearn.mixture import GaussianMixture
-
-  from test_quality import sliced_wasserstein
   samples, final = train_and_sample("vae_moons.yaml", tmp_path / "m")
-  train_x, _ = split_data("two_moons", "train")
-  test_x, _ = split_data("two_moons", "test", 2000)
-  gmm = GaussianMixture(n_components=8, random_state=0).fit(train_x).sample(2000)[0]
-  ours, baseline = sliced_wasserstein(samples, test_x), sliced_wasserstein(gmm, test_x)
+  ours, baseline = against_a_mixture(samples, "two_moons")
   print(f"sliced W1 to held-out: VAE {ours:.4f}, GMM(8) {baseline:.4f}; final {final}")
   assert ours < baseline, (ours, baseline)
 
