@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaler import partitioning
+
 REMAT = ("none", "block", "dots_saveable")
 _POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,
@@ -216,9 +218,15 @@ def chain(blocks, mode: str, x, *args):
   stacked = [jnp.stack(leaves)
              for leaves in zip(*(jax.tree.leaves(p) for _, p, _ in splits))]
 
+  # The carry's examples stay split like the batch (under `partitioning.activation_rules`,
+  # which the train step, evaluation and sampling trace under): left to itself, sharding
+  # propagation into the loop follows the FSDP-split parameters instead, gathers the
+  # batch and runs every device's loop on all of it.
+  pin = lambda x: partitioning.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
   def body(x, leaves):
     block = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
-    return block(x, *args), None
+    return pin(block(pin(x), *args)), None
 
   # prevent_cse guards an unrolled recomputation against CSE with the forward pass; a
   # scan's body cannot be merged with anything, so it is off (as jax.checkpoint advises).
