@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scaler import mesh as mesh_lib
+from scaler import partitioning
 from scaler import rng as rng_lib
 from scaler import state as state_lib
 from scaler.data import to_global
@@ -49,7 +50,9 @@ def evaluate(exp, state: state_lib.TrainState, source, *, limit: int | None = No
     # Each batch draws its own noise from the eval stream; made inside, as for sampling.
     rng = jax.random.fold_in(rng_lib.stream(exp.cfg.train.seed, "eval"), index)
     nets = state_lib.merge(exp.networks, params, rest)
-    values = exp.family.evaluate(nets, extra, batch, rng)
+    # Under the run's rules, as the train step: see partitioning.constrain.
+    with partitioning.activation_rules(exp.mesh, exp.rules):
+      values = exp.family.evaluate(nets, extra, batch, rng)
     return {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in values.items()}
 
   params = sample_params(state)

@@ -193,9 +193,7 @@ class DiT(nnx.Module):
     temb = cast(timestep_embedding(t_B, TIME_FEATURES))
     c_BxE = self.time2(jax.nn.silu(self.time1(temb)))
     c_BxE = layers.add_label(self.label, c_BxE, y_B, self.num_classes)
-    call = layers.checkpointed(self.cfg.remat)
-    for block in self.blocks:
-      x_BxNxE = call(block, x_BxNxE, c_BxE)
+    x_BxNxE = layers.chain(self.blocks, self.cfg.remat, x_BxNxE, c_BxE)
     shift_BxE, scale_BxE = (self.ada_out(jax.nn.silu(c_BxE))[:, i] for i in range(2))
     out_BxNxD = self.out(_modulate(self.norm_out(x_BxNxE), shift_BxE, scale_BxE))
     return self.precision.output(unpatchify(out_BxNxD, p, h, w))

@@ -13,10 +13,13 @@ A network casts its inputs with
 `precision.cast` on entry and returns `precision.output(y)` (float32), so losses,
 softmaxes over outputs and reductions in the families are float32 without any cast there.
 
-Activation checkpointing: a network calls each block through `checkpointed(mode)`, where
-`mode` is its config's `remat`: "none" keeps every activation; "block" keeps only each
-block's inputs and recomputes the rest in the backward pass; "dots_saveable" keeps the
-outputs of matmuls without batch dimensions (recomputing elementwise work only).
+Activation checkpointing: a network calls each block through `checkpointed(mode)`, or a
+stack of identical blocks through `chain(blocks, mode, x, ...)`, where `mode` is its
+config's `remat`: "none" keeps every activation; "block" keeps only each block's inputs
+and recomputes the rest in the backward pass; "dots_saveable" keeps the outputs of matmuls
+without batch dimensions (recomputing elementwise work only). `chain` runs a rematted
+stack as one `lax.scan` over the blocks' stacked variables, so that the compiler cannot
+move a block's recomputation away from its backward pass (see `chain`).
 """
 
 import dataclasses
@@ -24,6 +27,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from scaler import partitioning
 
 REMAT = ("none", "block", "dots_saveable")
 _POLICIES = {
@@ -179,3 +184,52 @@ def checkpointed(mode: str):
   if mode == "none":
     return lambda block, *args: block(*args)
   return nnx.remat(lambda block, *args: block(*args), policy=_POLICIES[mode])
+
+
+def chain(blocks, mode: str, x, *args):
+  """`x` through `blocks` in order, `x = block(x, *args)`, under the remat `mode`.
+
+  With remat on, blocks that are the same module with only different variables (a
+  transformer's or an MLP's stack) run as one `lax.scan` whose body is the rematted block,
+  over their variables stacked on a new leading axis (a copy of the blocks' parameters,
+  sliced one block per iteration: under FSDP each iteration gathers one block's). The
+  scan is what makes the recomputation happen where it should: unrolled, each block
+  under its own `jax.checkpoint`, XLA is free to schedule a block's recomputation as soon
+  as its input exists, and XLA:CPU's schedulers do, placing it beside the forward pass
+  (and the weight gradients after the whole backward pass), so the rematerialised
+  activations of every block are live at once and the compiled step is no smaller than
+  without remat. In a scan's backward loop each iteration recomputes one block and
+  finishes its gradients. Blocks that differ in structure, or hold non-parameter state
+  (which the scan would have to write back), go one by one through `checkpointed`.
+  """
+  call = checkpointed(mode)
+  blocks = list(blocks)
+  if mode == "none" or len(blocks) < 2:
+    for block in blocks:
+      x = call(block, x, *args)
+    return x
+  splits = [nnx.split(block, nnx.Param, ...) for block in blocks]
+  graphdef, params, rest = splits[0]
+  if any(g != graphdef for g, _, _ in splits) or jax.tree.leaves(rest):
+    for block in blocks:
+      x = call(block, x, *args)
+    return x
+  treedef = jax.tree.structure(params)
+  stacked = [jnp.stack(leaves)
+             for leaves in zip(*(jax.tree.leaves(p) for _, p, _ in splits))]
+
+  # The carry's examples stay split like the batch (under `partitioning.activation_rules`,
+  # which the train step, evaluation and sampling trace under): left to itself, sharding
+  # propagation into the loop follows the FSDP-split parameters instead, gathers the
+  # batch and runs every device's loop on all of it.
+  pin = lambda x: partitioning.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+  def body(x, leaves):
+    block = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+    return pin(block(pin(x), *args)), None
+
+  # prevent_cse guards an unrolled recomputation against CSE with the forward pass; a
+  # scan's body cannot be merged with anything, so it is off (as jax.checkpoint advises).
+  body = jax.checkpoint(body, policy=_POLICIES[mode], prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, stacked)
+  return x

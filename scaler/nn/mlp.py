@@ -81,8 +81,6 @@ class MLPDenoiser(nnx.Module):
     temb_BxT = self.time(cast(timestep_embedding(t_B, self.cfg.time_dim)))
     temb_BxT = jax.nn.silu(layers.add_label(self.label, temb_BxT, y_B, self.num_classes))
     h_BxE = self.inp(x_BxD)
-    call = layers.checkpointed(self.cfg.remat)
-    for block in self.blocks:
-      h_BxE = call(block, h_BxE, temb_BxT)
+    h_BxE = layers.chain(self.blocks, self.cfg.remat, h_BxE, temb_BxT)
     eps_BxD = self.out(jax.nn.silu(self.norm(h_BxE)))
     return self.precision.output(eps_BxD).reshape(x.shape)
