@@ -15,6 +15,7 @@ from scaler.families.diffusion import DiffusionConfig, DiffusionFamily
 from scaler.nn.dit import DiT, DiTConfig
 from scaler.nn.layers import FLOAT32
 from scaler.train import train
+from family_runs import QUALITY_TIMEOUT
 from test_cli import ROOT, expect_user_error
 from launch.cli import main
 
@@ -135,6 +136,7 @@ def test_sample_label_and_guidance_from_the_command_line(runs, tmp_path, capsys)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT)
 def test_dit_digits_draws_the_asked_class_and_beats_a_mixture(tmp_path):
   """`dit_digits.yaml` trained as shipped: `--label K` at the shipped guidance scale gives
   digits a classifier trained on the training digits reads as K (>= 80%), and the guided

@@ -12,6 +12,7 @@ from scaler import quality
 from scaler.data import load_source
 from scaler.data.digits import digits
 from scaler.quality import sliced_wasserstein
+from family_runs import QUALITY_TIMEOUT
 from test_cli import ROOT, scaler
 
 
@@ -129,12 +130,13 @@ def test_digits_unet_trains_and_writes_a_grid(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT)
 @pytest.mark.parametrize("name", ["realnvp_moons", "maf_moons"])
 def test_moons_flows_beat_a_gaussian_mixture_in_held_out_nats(tmp_path, name):
   config = ROOT / "configs" / f"{name}.yaml"
   run_dir = tmp_path / name
   # 3000 steps as shipped: 6 steps/s on 2 busy cores, so well past the usual 300 s.
-  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), timeout=1800)
+  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), timeout=QUALITY_TIMEOUT)
   assert out.returncode == 0, out.stderr[-3000:]
   cfg = config_lib.load(config)
   train_x, test_x = load_source(cfg.data, "train"), load_source(cfg.data, "test")
@@ -172,11 +174,12 @@ def _best_mixture_bits_per_dim(train_x, test_x, seed=0):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT)
 @pytest.mark.parametrize("name", ["glow_digits", "pixelcnn_digits", "transformer_digits"])
 def test_digits_likelihood_models_beat_a_gaussian_mixture_in_bits_per_dim(tmp_path, name):
   config = ROOT / "configs" / f"{name}.yaml"
   run_dir = tmp_path / name
-  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), timeout=3600)
+  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), timeout=QUALITY_TIMEOUT)
   assert out.returncode == 0, out.stderr[-3000:]
   cfg = config_lib.load(config)
   train_x, test_x = load_source(cfg.data, "train"), load_source(cfg.data, "test")
