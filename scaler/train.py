@@ -21,6 +21,7 @@ from scaler import config as config_lib
 from scaler import experiment as experiment_lib
 from scaler import goodput as goodput_lib
 from scaler import mesh as mesh_lib
+from scaler import partitioning
 from scaler import plots
 from scaler import progress
 from scaler import rng as rng_lib
@@ -153,8 +154,11 @@ def compile_step(exp, state_shardings, batch_sharding):
 
   def train_step(state, batch, train_key):
     # One base key for the run; each step's randomness is folded in from its number,
-    # so the random state is the step and resume is exact.
-    return step_fn(state, batch, rng_lib.step_key(train_key, state.step))
+    # so the random state is the step and resume is exact. Traced under the run's rules,
+    # as sampling is: activations a network pins by role (partitioning.constrain) are
+    # split as the parameters are.
+    with partitioning.activation_rules(exp.mesh, exp.rules):
+      return step_fn(state, batch, rng_lib.step_key(train_key, state.step))
 
   replicated = mesh_lib.replicated(exp.mesh)
   return jax.jit(

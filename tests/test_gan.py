@@ -13,7 +13,9 @@ import pytest
 from scaler.errors import UserError
 from scaler.families.gan import gradient_penalty
 from scaler import experiment as experiment_lib
-from scaler.train import train
+from scaler import partitioning
+from scaler.mesh import batch_sharding
+from scaler.train import compile_step, train
 from family_runs import (PRESETS, QUALITY_TIMEOUT, against_a_mixture, assert_bitwise,
                          digits_classifier, final_state, load, mesh_overrides, metric,
                          recognised, tiny, train_and_sample)
@@ -139,6 +141,26 @@ def test_resume_on_another_topology(tmp_path):
                                metric(tmp_path / "straight", key), rtol=1e-5, err_msg=key)
   moved, _, _ = final_state(cfg4, tmp_path / "moved", jax.devices()[:4])
   assert int(moved.counts["discriminator"]) == 16
+
+
+def test_the_step_is_traced_under_the_rules():
+  # The conv networks pin their feature maps by role (tests/test_pairs.py); that needs
+  # the step traced under the run's mesh and rules, or every pin is a no-op and XLA's
+  # propagation picks the split that miscounted on fsdp=2 x tensor=2. Traced, not run.
+  cfg = load("gan", *mesh_overrides({"data": 1, "fsdp": 2, "tensor": 2}, "fsdp_tensor"))
+  exp = experiment_lib.build(cfg, jax.devices()[:4])
+  seen = []
+  for name in ("d_loss", "g_loss"):
+    def spy(*args, _loss=getattr(exp.family, name), **kw):
+      seen.append(partitioning._ACTIVATION_RULES.get())
+      return _loss(*args, **kw)
+    setattr(exp.family, name, spy)
+  abstract, shardings = experiment_lib.abstract_shardings(exp)
+  batch = {"x": jax.ShapeDtypeStruct((64, *exp.spec.shape), jnp.float32),
+           "label": jax.ShapeDtypeStruct((64,), jnp.int32)}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  compile_step(exp, shardings, batch_sharding(exp.mesh)).trace(abstract, batch, key)
+  assert len(seen) == 2 and all(s == (exp.mesh, exp.rules) for s in seen)
 
 
 def test_the_critic_schedule_spans_its_own_updates():
