@@ -155,8 +155,8 @@ def compile_step(exp, state_shardings, batch_sharding):
   def train_step(state, batch, train_key):
     # One base key for the run; each step's randomness is folded in from its number,
     # so the random state is the step and resume is exact. Traced under the run's rules:
-    # activations a network pins by role (a rematted stack's carry, layers.chain) are
-    # split as the batch and the parameters are.
+    # activations a network pins by role (a rematted stack's carry, layers.chain; conv
+    # feature maps, nn/conv.py) are split as the batch and the parameters are.
     with partitioning.activation_rules(exp.mesh, exp.rules):
       return step_fn(state, batch, rng_lib.step_key(train_key, state.step))
 

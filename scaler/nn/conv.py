@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaler import partitioning
 from scaler.config import one_of, param, positive
 from scaler.errors import UserError
 from scaler.nn import layers
@@ -27,6 +28,20 @@ from scaler.nn.layers import Precision
 from scaler.nn.mlp_pair import ACTIVATIONS
 
 NORMS = ("none", "batch", "group", "layer")
+
+# The roles of an activation's dimensions. Every feature map is pinned (under the run's
+# rules, see partitioning.constrain): its examples split like the batch, its channels like
+# the conv that made them. Left to propagation, a batch that nothing ties to the batch
+# axes (a GAN's generated one) let XLA 0.10.2 split these convs over their windows, and
+# on fsdp=2 x tensor=2 (or x 4) it then summed each partial product over the tensor
+# replicas too: gradients `tensor` times too large or small (tests/test_pairs.py).
+FEATURE_MAP = ("batch", None, None, "conv_out")
+IMAGE = ("batch", None, None, None)        # image channels (or a code grid's) have no role
+VECTOR = ("batch", None)
+
+
+def pin(x, roles):
+  return partitioning.constrain(x, roles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,12 +143,12 @@ class ConvEncoder(nnx.Module):
                                **kw)
 
   def feature_map(self, x_BxHxWxC, label_B=None, train: bool = True):
-    h = self.conv_in(self.precision.cast(x_BxHxWxC))
+    h = pin(self.conv_in(self.precision.cast(pin(x_BxHxWxC, IMAGE))), FEATURE_MAP)
     if self.label is not None:
       h = h + self.label(label_B)[:, None, None, :]
     h = self.act_in(h, train)
     for conv, norm in zip(self.down, self.norms):
-      h = norm(conv(h), train)
+      h = norm(pin(conv(h), FEATURE_MAP), train)
     return h                                                     # (B, h, w, c)
 
   def features(self, x, label_B=None, train: bool = True):
@@ -186,15 +201,17 @@ class ConvDecoder(nnx.Module):
   def __call__(self, z, label_B=None, train: bool = True):
     z = self.precision.cast(z)
     if len(self.latent_shape) == 3:
-      h = self.inp(z)
+      h = self.inp(pin(z, IMAGE))
     else:
-      h = self.inp(z.reshape(z.shape[0], -1)).reshape(z.shape[0], *self.grid)
+      z = pin(z.reshape(z.shape[0], -1), VECTOR)
+      h = self.inp(z).reshape(z.shape[0], *self.grid)
+    h = pin(h, FEATURE_MAP)
     if self.label is not None:
       h = h + self.label(label_B)[:, None, None, :]
     h = self.act_in(h, train)
     for conv, norm in zip(self.up, self.norms):
-      h = norm(conv(h), train)
-    y = self.conv_out(h)
+      h = norm(pin(conv(h), FEATURE_MAP), train)
+    y = pin(self.conv_out(h), IMAGE)
     if self.out_act == "tanh":
       y = jnp.tanh(y)
     return self.precision.output(y)
