@@ -129,21 +129,30 @@ def test_digits_unet_trains_and_writes_a_grid(tmp_path):
 # --- likelihood against a GaussianMixture(8), in the same units ------------------------
 
 
+def _trained_and_evaluated(tmp_path, name, *eval_flags):
+  """`scaler train configs/NAME.yaml --debug` as shipped, then `scaler eval` over the whole
+  test split: (eval.json, the train split, the test split)."""
+  config = ROOT / "configs" / f"{name}.yaml"
+  run_dir = tmp_path / name
+  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir),
+               timeout=QUALITY_TIMEOUT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  cfg = config_lib.load(config)
+  train_x, test_x = load_source(cfg.data, "train"), load_source(cfg.data, "test")
+  out = scaler("eval", str(run_dir), *eval_flags, "--num", str(len(test_x)),
+               timeout=QUALITY_TIMEOUT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads((run_dir / "eval.json").read_text()), train_x, test_x
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(QUALITY_TIMEOUT)
 @pytest.mark.parametrize("name", ["realnvp_moons", "maf_moons"])
 def test_moons_flows_beat_a_gaussian_mixture_in_held_out_nats(tmp_path, name):
-  config = ROOT / "configs" / f"{name}.yaml"
-  run_dir = tmp_path / name
   # 3000 steps as shipped: 6 steps/s on 2 busy cores, so well past the usual 300 s.
-  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), timeout=QUALITY_TIMEOUT)
-  assert out.returncode == 0, out.stderr[-3000:]
-  cfg = config_lib.load(config)
-  train_x, test_x = load_source(cfg.data, "train"), load_source(cfg.data, "test")
+  result, train_x, test_x = _trained_and_evaluated(tmp_path, name, "--metrics", "likelihood")
   n = len(test_x)
-  out = scaler("eval", str(run_dir), "--metrics", "likelihood", "--num", str(n))
-  assert out.returncode == 0, out.stderr[-3000:]
-  ours = json.loads((run_dir / "eval.json").read_text())["metrics"]["nll"]
+  ours = result["metrics"]["nll"]
   # The floor: a GaussianMixture(8) fitted on the training split, scored on the same
   # held-out examples, in data space: -log p nats per example, as scaler eval reports.
   gmm = GaussianMixture(n_components=8, random_state=0).fit(
@@ -177,16 +186,8 @@ def _best_mixture_bits_per_dim(train_x, test_x, seed=0):
 @pytest.mark.timeout(QUALITY_TIMEOUT)
 @pytest.mark.parametrize("name", ["glow_digits", "pixelcnn_digits", "transformer_digits"])
 def test_digits_likelihood_models_beat_a_gaussian_mixture_in_bits_per_dim(tmp_path, name):
-  config = ROOT / "configs" / f"{name}.yaml"
-  run_dir = tmp_path / name
-  out = scaler("train", str(config), "--debug", "--run-dir", str(run_dir), timeout=QUALITY_TIMEOUT)
-  assert out.returncode == 0, out.stderr[-3000:]
-  cfg = config_lib.load(config)
-  train_x, test_x = load_source(cfg.data, "train"), load_source(cfg.data, "test")
+  result, train_x, test_x = _trained_and_evaluated(tmp_path, name)
   n = len(test_x)
-  out = scaler("eval", str(run_dir), "--num", str(n), timeout=1800)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads((run_dir / "eval.json").read_text())
   ours = result["metrics"]["bpd"]
   levels = lambda data: data.read(np.arange(len(data))).x   # data space: levels 0..16
   baseline, theirs = _best_mixture_bits_per_dim(levels(train_x), levels(test_x))
